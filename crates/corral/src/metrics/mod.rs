@@ -1,0 +1,1 @@
+//! Measurements: event-loop delay, worker statistics.

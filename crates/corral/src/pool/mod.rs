@@ -1,0 +1,1 @@
+//! The CPU pool: runs heavy closures off the event loop.
