@@ -1,10 +1,43 @@
 //! corral: make a Rust network service use every core.
 //!
-//! Two techniques, used together (see `DESIGN.md`):
+//! Two techniques, used together:
 //! - **clustering**: a primary process supervises one worker process per core,
-//!   all serving the same ports ([`Cluster`]);
+//!   all serving the same ports, restarting crashed workers and reloading
+//!   without dropping a connection ([`Cluster`]);
 //! - **a CPU pool**: heavy work runs on a pool of lower-priority threads so the
 //!   event loop never blocks ([`pool`]).
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//!
+//! fn main() -> corral::Result<()> {
+//!     corral::Cluster::builder()
+//!         .listen("0.0.0.0:8080")
+//!         .workers(corral::Workers::PerCore)
+//!         .run(|worker| async move {
+//!             let app = Router::new().route("/", get(|| async { "hello" }));
+//!             axum::serve(worker.listener(), app)
+//!                 .with_graceful_shutdown(worker.shutdown())
+//!                 .await
+//!         })
+//! }
+//! ```
 
+#[cfg(not(unix))]
+compile_error!("corral supervises worker processes with Unix sockets and signals; it builds on Linux (and other Unix systems)");
+
+mod cluster;
+mod error;
+mod ipc;
+mod logging;
 pub mod metrics;
+pub mod net;
 pub mod pool;
+
+#[cfg(feature = "clap")]
+pub use cluster::ClusterArgs;
+pub use cluster::{
+    Balance, Cluster, ClusterBuilder, TrackRequests, TrackRequestsLayer, TrackedResponse, Worker,
+    Workers,
+};
+pub use error::{BoxError, Error, Result};

@@ -1,0 +1,123 @@
+//! The smallest clustered HTTP service: every worker answers with its slot and
+//! pid, plus routes that burn CPU or block the event loop, for benchmarks and
+//! for showing the supervisor at work.
+//!
+//! ```text
+//! cargo run --release -p corral --example hello -- --listen 127.0.0.1:8080 --workers max
+//! curl http://127.0.0.1:8080/          # hello from worker 1 (pid 4242)
+//! curl 'http://127.0.0.1:8080/work?us=200'
+//! curl 'http://127.0.0.1:8080/block?ms=8000'   # the primary replaces the hung worker
+//! kill -HUP <primary pid>              # rolling reload, no failed request
+//! ```
+
+use std::time::{Duration, Instant};
+
+use axum::extract::Query;
+use axum::routing::get;
+use axum::Router;
+use clap::Parser;
+use serde::Deserialize;
+
+#[derive(Parser)]
+#[command(about = "corral's hello-world cluster")]
+struct Cli {
+    #[command(flatten)]
+    cluster: corral::ClusterArgs,
+
+    /// Misbehave on purpose, to watch the supervisor handle it.
+    #[arg(long, value_enum)]
+    fault: Option<Fault>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Fault {
+    /// Every worker exits with status 1 as soon as it starts (a crash loop).
+    CrashOnStart,
+    /// Workers never start serving (the ready timeout catches them).
+    NeverReady,
+    /// The first worker of slot 0 writes garbage on its IPC channel once ready.
+    IpcGarbage,
+}
+
+#[derive(Deserialize)]
+struct WorkParams {
+    us: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct BlockParams {
+    ms: Option<u64>,
+}
+
+fn main() -> corral::Result<()> {
+    let cli = Cli::parse();
+    let fault = cli.fault;
+    cli.cluster.builder().run(move |worker| async move {
+        match fault {
+            Some(Fault::CrashOnStart) => {
+                eprintln!("hello: crashing at start, as asked by --fault crash-on-start");
+                std::process::exit(1);
+            }
+            Some(Fault::NeverReady) => std::future::pending::<()>().await,
+            _ => {}
+        }
+        let greeting = format!(
+            "hello from worker {} (pid {})",
+            worker.slot(),
+            std::process::id()
+        );
+        let app = Router::new()
+            .route("/", get(move || async move { greeting }))
+            .route("/work", get(work))
+            .route("/block", get(block))
+            .layer(worker.track_requests());
+        let listener = worker.listener();
+        if matches!(fault, Some(Fault::IpcGarbage))
+            && worker.slot() == 0
+            && worker.generation() == 0
+        {
+            write_ipc_garbage();
+        }
+        axum::serve(listener, app)
+            .with_graceful_shutdown(worker.shutdown())
+            .await
+    })
+}
+
+/// Burns about `us` microseconds of CPU on the event loop.
+async fn work(Query(params): Query<WorkParams>) -> String {
+    let budget = Duration::from_micros(params.us.unwrap_or(0).min(10_000_000));
+    let start = Instant::now();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rounds: u64 = 0;
+    while start.elapsed() < budget {
+        for _ in 0..64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        rounds += 1;
+    }
+    format!(
+        "worked {} us ({rounds} rounds, {x:x})\n",
+        start.elapsed().as_micros()
+    )
+}
+
+/// Blocks the whole event loop, as a careless synchronous call would.
+async fn block(Query(params): Query<BlockParams>) -> String {
+    let ms = params.ms.unwrap_or(1000).min(600_000);
+    std::thread::sleep(Duration::from_millis(ms));
+    format!("blocked the event loop for {ms} ms\n")
+}
+
+/// Writes bytes that are not a valid frame straight onto the worker's IPC
+/// socket (descriptor 3), bypassing corral, as a buggy native library might.
+fn write_ipc_garbage() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    // SAFETY: descriptor 3 is the worker's IPC socket, owned by corral for the
+    // life of the process; ManuallyDrop keeps us from closing it.
+    let mut socket = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(3) });
+    let _ = socket.write_all(b"\xff\xff\xff\xffthis is not a frame");
+}

@@ -1,0 +1,135 @@
+//! The command-line flags every clustered program shares, so the examples,
+//! the demo and user programs all speak the same interface.
+
+use std::time::Duration;
+
+use super::builder::ClusterBuilder;
+use super::config::{Balance, Workers};
+
+/// The standard flags of a clustered program, for `#[command(flatten)]` in a
+/// clap parser: `--listen`, `--workers`, `--balance` and the supervision knobs.
+///
+/// ```
+/// use clap::Parser;
+///
+/// #[derive(Parser)]
+/// struct Cli {
+///     #[command(flatten)]
+///     cluster: corral::ClusterArgs,
+/// }
+///
+/// let cli = Cli::parse_from(["app", "--listen", "127.0.0.1:0", "--workers", "2"]);
+/// assert_eq!(cli.cluster.workers, corral::Workers::Fixed(2));
+/// let builder = cli.cluster.builder();
+/// # drop(builder);
+/// ```
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// Address to listen on, HOST:PORT (repeatable; port 0 picks a free port).
+    #[arg(
+        short,
+        long = "listen",
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub listen: Vec<String>,
+
+    /// Number of worker processes, or `max` for one per core.
+    #[arg(short, long, value_name = "N|max", default_value = "max")]
+    pub workers: Workers,
+
+    /// How connections are spread over the workers.
+    #[arg(long, value_enum, default_value_t = Balance::ReusePort)]
+    pub balance: Balance,
+
+    /// Kill and replace a worker whose event loop sends no heartbeat for this long (e.g. 5s, 500ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub heartbeat_timeout: Option<Duration>,
+
+    /// Kill a new worker that is not serving after this long (e.g. 10s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
+
+    /// On stop or reload, kill workers still draining after this long (e.g. 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+
+    /// Replace a worker after about this many requests.
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+
+    /// Random extra requests (0..=N) added per worker to --max-requests.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests_jitter: u64,
+
+    /// Replace a worker whose resident memory exceeds this (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+}
+
+impl ClusterArgs {
+    /// A [`ClusterBuilder`] configured from these flags.
+    pub fn builder(&self) -> ClusterBuilder {
+        let mut builder = crate::Cluster::builder()
+            .workers(self.workers)
+            .balance(self.balance);
+        for addr in &self.listen {
+            builder = builder.listen(addr.clone());
+        }
+        if let Some(timeout) = self.heartbeat_timeout {
+            builder = builder.heartbeat_timeout(timeout);
+        }
+        if let Some(timeout) = self.ready_timeout {
+            builder = builder.ready_timeout(timeout);
+        }
+        if let Some(timeout) = self.shutdown_timeout {
+            builder = builder.shutdown_timeout(timeout);
+        }
+        if let Some(requests) = self.max_requests {
+            builder = builder.max_requests(requests, self.max_requests_jitter);
+        }
+        if let Some(bytes) = self.max_memory {
+            builder = builder.max_memory(bytes);
+        }
+        builder
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|err| format!("`{text}` is not a duration ({err}); write e.g. 5s or 500ms"))
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(format!("`{text}` is not a size: write e.g. 512M or 2G")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(|| format!("`{text}` is not a size: write e.g. 512M or 2G"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_common_suffixes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+    }
+}

@@ -1,0 +1,247 @@
+//! `Cluster::builder()`: one `main()` for both roles.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::config::{Balance, Config, Workers};
+use super::{primary, worker};
+use crate::error::{BoxError, Result};
+
+/// A clustered service: a primary process supervising worker processes that
+/// all serve the same listening sockets.
+///
+/// The same `main()` runs in both roles. In the primary, [`ClusterBuilder::run`]
+/// binds the sockets, starts the workers by re-executing the current program,
+/// and supervises them until `SIGTERM`/`SIGINT`; it never calls the closure.
+/// In a worker, it builds a single-threaded event loop and runs the closure on it.
+///
+/// ```no_run
+/// use axum::{routing::get, Router};
+///
+/// fn main() -> corral::Result<()> {
+///     corral::Cluster::builder()
+///         .listen("127.0.0.1:8080")
+///         .workers(corral::Workers::PerCore)
+///         .run(|worker| async move {
+///             let app = Router::new().route("/", get(|| async { "hi" }));
+///             axum::serve(worker.listener(), app)
+///                 .with_graceful_shutdown(worker.shutdown())
+///                 .await
+///         })
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Cluster {
+    _private: (),
+}
+
+impl Cluster {
+    /// Starts configuring a cluster.
+    ///
+    /// ```
+    /// let builder = corral::Cluster::builder().listen("127.0.0.1:0");
+    /// # drop(builder);
+    /// ```
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder {
+            config: Config::default(),
+        }
+    }
+
+    /// True in a worker process started by a corral primary.
+    ///
+    /// ```
+    /// assert!(!corral::Cluster::is_worker());
+    /// ```
+    pub fn is_worker() -> bool {
+        worker::WorkerEnv::present()
+    }
+}
+
+/// Settings of a [`Cluster`]; finish with [`run`](ClusterBuilder::run).
+///
+/// Every setting has a default that suits a production HTTP service, modelled on
+/// the tools people already trust (PM2, Gunicorn, nginx).
+#[derive(Debug, Clone)]
+#[must_use = "a cluster does nothing until `.run(...)` is called"]
+pub struct ClusterBuilder {
+    pub(crate) config: Config,
+}
+
+impl ClusterBuilder {
+    /// Adds an address to listen on (`HOST:PORT`, `:PORT` for every interface;
+    /// port 0 picks a free port). May be called several times.
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().listen("127.0.0.1:0").listen("[::1]:0");
+    /// # drop(b);
+    /// ```
+    pub fn listen(mut self, addr: impl Into<String>) -> Self {
+        self.config.listen.push(addr.into());
+        self
+    }
+
+    /// How many worker processes to run (default: one per core).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().workers(corral::Workers::Fixed(2));
+    /// # drop(b);
+    /// ```
+    pub fn workers(mut self, workers: Workers) -> Self {
+        self.config.workers = workers;
+        self
+    }
+
+    /// How connections are spread over workers (default: [`Balance::ReusePort`]).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().balance(corral::Balance::Shared);
+    /// # drop(b);
+    /// ```
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.config.balance = balance;
+        self
+    }
+
+    /// How long a new worker may take to start serving before it is killed
+    /// (default 10 s; PM2's `listen_timeout`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().ready_timeout(Duration::from_secs(30));
+    /// # drop(b);
+    /// ```
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// How long a worker's event loop may go without sending a heartbeat
+    /// before it is considered hung, killed and replaced (default 5 s;
+    /// Gunicorn's `timeout`). Heartbeats are sent from the event loop itself,
+    /// so a loop blocked by CPU work or a blocking call is caught.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().heartbeat_timeout(Duration::from_secs(2));
+    /// # drop(b);
+    /// ```
+    pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.config.heartbeat_timeout = timeout;
+        self.config.heartbeat_interval = self
+            .config
+            .heartbeat_interval
+            .min(timeout / 4)
+            .max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long draining workers get to finish in-flight requests on shutdown
+    /// or reload before they are killed (default 30 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().shutdown_timeout(Duration::from_secs(10));
+    /// # drop(b);
+    /// ```
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// How long a draining worker keeps idle keep-alive connections open, so
+    /// that clients sending on them get a response with `Connection: close`
+    /// rather than a reset (default 2 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().drain_grace(Duration::from_millis(500));
+    /// # drop(b);
+    /// ```
+    pub fn drain_grace(mut self, grace: Duration) -> Self {
+        self.config.drain_grace = grace;
+        self
+    }
+
+    /// Replaces a worker after it has served about `requests` requests, plus a
+    /// random `0..=jitter` so workers do not all recycle at once (Gunicorn's
+    /// `max_requests` and `max_requests_jitter`). Requests are counted by
+    /// [`Worker::track_requests`](crate::Worker::track_requests).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().max_requests(10_000, 1_000);
+    /// # drop(b);
+    /// ```
+    pub fn max_requests(mut self, requests: u64, jitter: u64) -> Self {
+        self.config.max_requests = Some(requests.max(1));
+        self.config.max_requests_jitter = jitter;
+        self
+    }
+
+    /// Replaces a worker whose resident memory exceeds `bytes` (PM2's
+    /// `max_memory_restart`).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().max_memory(512 * 1024 * 1024);
+    /// # drop(b);
+    /// ```
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.config.max_memory = Some(bytes);
+        self
+    }
+
+    /// After this many consecutive failed starts a slot is not restarted any
+    /// more (default 5). A worker that stays up for ten seconds resets the count.
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().crash_loop_limit(3);
+    /// # drop(b);
+    /// ```
+    pub fn crash_loop_limit(mut self, failures: u32) -> Self {
+        self.config.crash_loop_limit = failures.max(1);
+        self
+    }
+
+    /// Whether corral installs a `tracing` subscriber that writes to stderr,
+    /// each line tagged with the process's role, slot and pid (default true;
+    /// set to false to install your own).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().logging(false);
+    /// # drop(b);
+    /// ```
+    pub fn logging(mut self, enabled: bool) -> Self {
+        self.config.logging = enabled;
+        self
+    }
+
+    /// Runs the cluster.
+    ///
+    /// In the primary this supervises workers until `SIGTERM` or `SIGINT` and
+    /// returns `Ok(())` after a graceful stop, or an error if the sockets cannot
+    /// be bound or every slot is in a crash loop. In a worker it runs `serve`
+    /// on a single-threaded tokio event loop and returns when it completes.
+    ///
+    /// ```no_run
+    /// # use axum::Router;
+    /// corral::Cluster::builder()
+    ///     .listen("127.0.0.1:8080")
+    ///     .run(|worker| async move {
+    ///         axum::serve(worker.listener(), Router::new())
+    ///             .with_graceful_shutdown(worker.shutdown())
+    ///             .await
+    ///     })
+    /// # .unwrap();
+    /// ```
+    pub fn run<F, Fut, E>(self, serve: F) -> Result<()>
+    where
+        F: FnOnce(crate::Worker) -> Fut,
+        Fut: Future<Output = std::result::Result<(), E>>,
+        E: Into<BoxError>,
+    {
+        match worker::WorkerEnv::from_env()? {
+            Some(env) => worker::run(self.config, env, serve),
+            None => primary::run(self.config),
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! What a cluster was asked to do: the settings shared by the primary and its workers.
+
+use std::time::Duration;
+
+/// How many worker processes to run.
+///
+/// ```
+/// use corral::Workers;
+/// assert_eq!(Workers::Fixed(3).count(), 3);
+/// assert!(Workers::PerCore.count() >= 1);
+/// assert_eq!("max".parse::<Workers>().unwrap(), Workers::PerCore);
+/// assert_eq!("2".parse::<Workers>().unwrap(), Workers::Fixed(2));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One worker per available core (`--workers max`).
+    #[default]
+    PerCore,
+    /// Exactly this many workers (at least one).
+    Fixed(usize),
+}
+
+impl Workers {
+    /// The number of worker slots this resolves to on this machine.
+    pub fn count(self) -> usize {
+        match self {
+            Workers::PerCore => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            Workers::Fixed(n) => n.max(1),
+        }
+    }
+}
+
+impl std::str::FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "max" | "auto" => Ok(Workers::PerCore),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => Err(format!(
+                    "`{s}` is not a worker count: use a whole number of at least 1, or `max` for one per core"
+                )),
+                Ok(n) => Ok(Workers::Fixed(n)),
+            },
+        }
+    }
+}
+
+/// How connections are spread over the workers.
+///
+/// ```
+/// use corral::Balance;
+/// assert_eq!(Balance::default(), Balance::ReusePort);
+/// assert_eq!(Balance::Shared.to_string(), "shared");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Balance {
+    /// One `SO_REUSEPORT` socket per slot; the kernel spreads connections and
+    /// a slot's queue waits for its replacement when a worker dies.
+    #[default]
+    #[cfg_attr(feature = "clap", value(name = "reuseport"))]
+    ReusePort,
+    /// One socket that every worker accepts from.
+    Shared,
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Balance::ReusePort => "reuseport",
+            Balance::Shared => "shared",
+        })
+    }
+}
+
+/// Every setting of a cluster; built by [`ClusterBuilder`](crate::ClusterBuilder).
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub listen: Vec<String>,
+    pub workers: Workers,
+    pub balance: Balance,
+    pub ready_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub drain_grace: Duration,
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
+    pub max_memory: Option<u64>,
+    pub restart_backoff: Duration,
+    pub restart_backoff_max: Duration,
+    pub crash_loop_limit: u32,
+    pub stable_after: Duration,
+    pub logging: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Vec::new(),
+            workers: Workers::PerCore,
+            balance: Balance::ReusePort,
+            ready_timeout: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(2),
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_memory: None,
+            restart_backoff: Duration::from_millis(100),
+            restart_backoff_max: Duration::from_secs(10),
+            crash_loop_limit: 5,
+            stable_after: Duration::from_secs(10),
+            logging: true,
+        }
+    }
+}
+
+impl Config {
+    /// The delay before the `failures`-th consecutive restart of a slot: the
+    /// first restart is immediate (a crash after a long healthy run should not
+    /// cost availability), then it doubles up to the maximum.
+    pub fn restart_delay(&self, failures: u32) -> Duration {
+        if failures <= 1 {
+            return Duration::ZERO;
+        }
+        let doublings = (failures - 2).min(16);
+        self.restart_backoff
+            .saturating_mul(1u32 << doublings)
+            .min(self.restart_backoff_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_delay_is_immediate_then_doubles_up_to_the_cap() {
+        let config = Config::default();
+        assert_eq!(config.restart_delay(1), Duration::ZERO);
+        assert_eq!(config.restart_delay(2), Duration::from_millis(100));
+        assert_eq!(config.restart_delay(3), Duration::from_millis(200));
+        assert_eq!(config.restart_delay(4), Duration::from_millis(400));
+        assert_eq!(config.restart_delay(40), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn worker_count_parsing_rejects_zero_and_words() {
+        assert!("0".parse::<Workers>().is_err());
+        assert!("many".parse::<Workers>().is_err());
+        assert_eq!("4".parse::<Workers>(), Ok(Workers::Fixed(4)));
+    }
+}

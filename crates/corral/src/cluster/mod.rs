@@ -1,0 +1,18 @@
+//! Clustering: the builder, the primary (supervisor) and the worker side.
+
+#[cfg(feature = "clap")]
+mod args;
+mod builder;
+mod config;
+mod primary;
+mod request_tracking;
+mod slot;
+mod spawn;
+mod worker;
+
+#[cfg(feature = "clap")]
+pub use args::ClusterArgs;
+pub use builder::{Cluster, ClusterBuilder};
+pub use config::{Balance, Workers};
+pub use request_tracking::{TrackRequests, TrackRequestsLayer, TrackedResponse};
+pub use worker::Worker;

@@ -1,0 +1,671 @@
+//! The primary: one loop over events (a worker exited, a message arrived, a
+//! signal, a timer tick) and one place, [`Supervisor::handle`], that decides
+//! what to do about each — the shape of nginx's master cycle.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use super::config::Config;
+use super::slot::{Position, Slot, WorkerProcess};
+use super::spawn::spawn_worker;
+use crate::error::{Error, Result};
+use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
+use crate::net::bind::{bind_all, BoundAddress};
+
+/// How often timers (ready, heartbeat and drain deadlines, restarts) are checked.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Runs the primary role until a graceful stop or a fatal error.
+pub(crate) fn run(config: Config) -> Result<()> {
+    if config.logging {
+        crate::logging::init(format!("[primary pid {}]", std::process::id()));
+    }
+    let slots = config.workers.count();
+    let bound = bind_all(&config.listen, slots, config.balance)?;
+    let program = std::env::current_exe()?;
+    let args = std::env::args_os().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(Supervisor::new(config, bound, program, args, slots).run())
+}
+
+/// Something the supervisor must react to.
+#[derive(Debug)]
+enum Event {
+    Exited {
+        slot: usize,
+        generation: u64,
+        status: std::io::Result<ExitStatus>,
+    },
+    Message {
+        slot: usize,
+        generation: u64,
+        message: ToPrimary,
+    },
+    ChannelClosed {
+        slot: usize,
+        generation: u64,
+        error: ChannelError,
+    },
+    Stop(&'static str),
+    Reload,
+    Tick,
+}
+
+/// A rolling reload in progress: the slots still to replace, one at a time.
+#[derive(Debug)]
+struct Reload {
+    waiting_on: Option<usize>,
+    queue: VecDeque<usize>,
+}
+
+struct Supervisor {
+    config: Config,
+    bound: Vec<BoundAddress>,
+    program: PathBuf,
+    args: Vec<OsString>,
+    slots: Vec<Slot>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedReceiver<Event>,
+    reload: Option<Reload>,
+    stopping: bool,
+    announced: bool,
+}
+
+/// What the loop does after an event.
+enum Flow {
+    Continue,
+    Exit(Result<()>),
+}
+
+impl Supervisor {
+    fn new(
+        config: Config,
+        bound: Vec<BoundAddress>,
+        program: PathBuf,
+        args: Vec<OsString>,
+        slots: usize,
+    ) -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Supervisor {
+            config,
+            bound,
+            program,
+            args,
+            slots: (0..slots).map(Slot::new).collect(),
+            events_tx,
+            events,
+            reload: None,
+            stopping: false,
+            announced: false,
+        }
+    }
+
+    async fn run(mut self) -> Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        tracing::info!(
+            "starting {} workers from {}",
+            self.slots.len(),
+            self.program.display()
+        );
+        for index in 0..self.slots.len() {
+            if let Flow::Exit(result) = self.fill_slot(index) {
+                return result;
+            }
+        }
+        loop {
+            let event = tokio::select! {
+                Some(event) = self.events.recv() => event,
+                _ = term.recv() => Event::Stop("SIGTERM"),
+                _ = int.recv() => Event::Stop("SIGINT"),
+                _ = hup.recv() => Event::Reload,
+                _ = tick.tick() => Event::Tick,
+            };
+            if let Flow::Exit(result) = self.handle(event) {
+                return result;
+            }
+        }
+    }
+
+    /// The one place that decides.
+    fn handle(&mut self, event: Event) -> Flow {
+        match event {
+            Event::Exited {
+                slot,
+                generation,
+                status,
+            } => self.on_exit(slot, generation, status),
+            Event::Message {
+                slot,
+                generation,
+                message,
+            } => self.on_message(slot, generation, message),
+            Event::ChannelClosed {
+                slot,
+                generation,
+                error,
+            } => {
+                self.on_channel_closed(slot, generation, error);
+                Flow::Continue
+            }
+            Event::Stop(signal) => self.on_stop(signal),
+            Event::Reload => self.on_reload(),
+            Event::Tick => self.on_tick(),
+        }
+    }
+
+    fn on_exit(
+        &mut self,
+        index: usize,
+        generation: u64,
+        status: std::io::Result<ExitStatus>,
+    ) -> Flow {
+        let stable_after = self.config.stable_after;
+        let slot = &mut self.slots[index];
+        let Some((position, worker)) = slot.remove(generation) else {
+            return Flow::Continue;
+        };
+        let how = describe_exit(&status);
+        let flow = match position {
+            Position::Retiring => {
+                tracing::debug!("slot {index}: drained worker pid {} {how}", worker.pid);
+                Flow::Continue
+            }
+            Position::Replacement => {
+                tracing::error!(
+                    "slot {index}: new worker pid {} {how} before it was ready; the old worker keeps serving",
+                    worker.pid
+                );
+                if slot.current.is_none() {
+                    self.on_failure(index, format!("worker pid {} {how}", worker.pid))
+                } else {
+                    self.fail_reload(index);
+                    Flow::Continue
+                }
+            }
+            Position::Current if self.stopping || worker.is_draining() => {
+                tracing::debug!("slot {index}: worker pid {} {how}", worker.pid);
+                Flow::Continue
+            }
+            Position::Current => {
+                if worker
+                    .ready_since
+                    .is_some_and(|since| since.elapsed() >= stable_after)
+                {
+                    slot.failures = 0;
+                }
+                let what = if worker.is_ready() {
+                    format!("worker pid {} {how}", worker.pid)
+                } else {
+                    format!("worker pid {} {how} before it was ready", worker.pid)
+                };
+                if slot.replacement.is_some() {
+                    // A replacement is already starting; it takes over when ready.
+                    tracing::warn!("slot {index}: {what}; its replacement is starting");
+                    Flow::Continue
+                } else {
+                    self.on_failure(index, what)
+                }
+            }
+        };
+        if let Flow::Exit(_) = flow {
+            return flow;
+        }
+        if self.stopping
+            && self
+                .slots
+                .iter()
+                .all(|slot| slot.workers().next().is_none())
+        {
+            tracing::info!("all workers stopped");
+            return Flow::Exit(Ok(()));
+        }
+        Flow::Continue
+    }
+
+    fn on_message(&mut self, index: usize, generation: u64, message: ToPrimary) -> Flow {
+        let max_memory = self.config.max_memory;
+        let Some((position, worker)) = self.slots[index].find_mut(generation) else {
+            return Flow::Continue;
+        };
+        match message {
+            ToPrimary::Ready => {
+                let now = Instant::now();
+                worker.ready_since = Some(now);
+                worker.last_heartbeat = now;
+                tracing::info!("slot {index}: worker pid {} is ready", worker.pid);
+                if position == Position::Replacement {
+                    self.promote_replacement(index);
+                }
+                self.announce_when_serving();
+            }
+            ToPrimary::Heartbeat(stats) => {
+                worker.last_heartbeat = Instant::now();
+                let over_memory = max_memory.filter(|&limit| stats.rss_bytes > limit);
+                worker.stats = stats;
+                if let (Position::Current, Some(limit)) = (position, over_memory) {
+                    let reason = format!(
+                        "resident memory {} MiB is over the limit of {} MiB",
+                        worker.stats.rss_bytes >> 20,
+                        limit >> 20
+                    );
+                    self.recycle(index, &reason);
+                }
+            }
+            ToPrimary::Recycle { reason } => {
+                if position == Position::Current {
+                    self.recycle(index, &reason);
+                }
+            }
+        }
+        Flow::Continue
+    }
+
+    fn on_channel_closed(&mut self, index: usize, generation: u64, error: ChannelError) {
+        let stopping = self.stopping;
+        let Some((_, worker)) = self.slots[index].find_mut(generation) else {
+            return;
+        };
+        match error {
+            // The usual end of a worker: its exit follows as its own event.
+            ChannelError::Closed => {}
+            error if !stopping && !worker.is_draining() => {
+                tracing::warn!(
+                    "slot {index}: worker pid {} broke its IPC channel ({error}); killing and replacing it",
+                    worker.pid
+                );
+                worker.kill();
+            }
+            error => tracing::debug!("slot {index}: channel error while draining: {error}"),
+        }
+    }
+
+    fn on_stop(&mut self, signal: &'static str) -> Flow {
+        if self.stopping {
+            if signal == "SIGINT" {
+                tracing::warn!("second SIGINT: killing every worker now");
+                self.slots
+                    .iter_mut()
+                    .flat_map(Slot::workers_mut)
+                    .for_each(WorkerProcess::kill);
+            }
+            return Flow::Continue;
+        }
+        self.stopping = true;
+        self.reload = None;
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        let mut draining = 0;
+        for slot in &mut self.slots {
+            slot.restart_at = None;
+            for worker in slot.workers_mut() {
+                worker.drain(deadline);
+                draining += 1;
+            }
+        }
+        tracing::info!(
+            "{signal}: stopping; draining {draining} workers (killed after {})",
+            humantime::format_duration(self.config.shutdown_timeout)
+        );
+        if draining == 0 {
+            return Flow::Exit(Ok(()));
+        }
+        Flow::Continue
+    }
+
+    fn on_reload(&mut self) -> Flow {
+        if self.stopping {
+            return Flow::Continue;
+        }
+        if self.reload.is_some() {
+            tracing::warn!("SIGHUP: a reload is already in progress; ignored");
+            return Flow::Continue;
+        }
+        // Take whatever binary is at the path now, so a rebuilt program is
+        // what the new workers run.
+        match std::fs::canonicalize(&self.program) {
+            Ok(path) => self.program = path,
+            Err(err) => {
+                tracing::error!(
+                    "SIGHUP: cannot reload: {} is not readable ({err}); workers keep running",
+                    self.program.display()
+                );
+                return Flow::Continue;
+            }
+        }
+        tracing::info!(
+            "SIGHUP: rolling reload of {} slots from {}",
+            self.slots.len(),
+            self.program.display()
+        );
+        self.reload = Some(Reload {
+            waiting_on: None,
+            queue: (0..self.slots.len()).collect(),
+        });
+        self.advance_reload()
+    }
+
+    fn on_tick(&mut self) -> Flow {
+        let now = Instant::now();
+        let ready_timeout = self.config.ready_timeout;
+        let heartbeat_timeout = self.config.heartbeat_timeout;
+        let stopping = self.stopping;
+        let mut due = Vec::new();
+        for slot in &mut self.slots {
+            let index = slot.index;
+            for worker in slot.workers_mut().filter(|worker| !worker.killed) {
+                if let Some(deadline) = worker.drain_deadline {
+                    if now >= deadline {
+                        tracing::warn!(
+                            "slot {index}: worker pid {} still draining at its deadline; killing it",
+                            worker.pid
+                        );
+                        worker.kill();
+                    }
+                } else if !worker.is_ready() {
+                    if now.duration_since(worker.started) >= ready_timeout {
+                        tracing::error!(
+                            "slot {index}: worker pid {} did not become ready within {}; killing it",
+                            worker.pid,
+                            humantime::format_duration(ready_timeout)
+                        );
+                        worker.kill();
+                    }
+                } else if !stopping
+                    && now.duration_since(worker.last_heartbeat) >= heartbeat_timeout
+                {
+                    tracing::error!(
+                        "slot {index}: worker pid {} sent no heartbeat for {} (event loop blocked?); killing and replacing it",
+                        worker.pid,
+                        humantime::format_duration(heartbeat_timeout)
+                    );
+                    worker.kill();
+                }
+            }
+            if slot.restart_at.is_some_and(|at| now >= at) {
+                slot.restart_at = None;
+                due.push(index);
+            }
+        }
+        for index in due {
+            if let Flow::Exit(result) = self.fill_slot(index) {
+                return Flow::Exit(result);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Counts a failed start or crash of a slot's worker and restarts it after
+    /// the back-off, or gives up on a slot that keeps failing.
+    fn on_failure(&mut self, index: usize, what: String) -> Flow {
+        let limit = self.config.crash_loop_limit;
+        let slot = &mut self.slots[index];
+        slot.failures += 1;
+        if slot.failures >= limit {
+            slot.gave_up = true;
+            tracing::error!(
+                "slot {index}: {what}; {} failures in a row, not restarting this slot (crash loop). Fix the cause and send SIGHUP to try again",
+                slot.failures
+            );
+            self.fail_reload(index);
+            if self.slots.iter().all(|slot| slot.gave_up) {
+                self.slots
+                    .iter_mut()
+                    .flat_map(Slot::workers_mut)
+                    .for_each(WorkerProcess::kill);
+                return Flow::Exit(Err(Error::CrashLoop { detail: what }));
+            }
+            return Flow::Continue;
+        }
+        let delay = self.config.restart_delay(slot.failures);
+        if delay.is_zero() {
+            tracing::warn!("slot {index}: {what}; restarting it");
+            self.fill_slot(index)
+        } else {
+            tracing::warn!(
+                "slot {index}: {what}; restarting it in {} (failure {} of {limit})",
+                humantime::format_duration(delay),
+                slot.failures
+            );
+            slot.restart_at = Some(Instant::now() + delay);
+            Flow::Continue
+        }
+    }
+
+    /// Starts a worker as the slot's current one.
+    fn fill_slot(&mut self, index: usize) -> Flow {
+        match self.spawn(index) {
+            Ok(worker) => {
+                self.slots[index].current = Some(worker);
+                Flow::Continue
+            }
+            Err(err) => self.on_failure(index, err.to_string()),
+        }
+    }
+
+    /// Starts a worker that takes over the slot once it is ready.
+    fn start_replacement(&mut self, index: usize) {
+        if self.slots[index].replacement.is_some() {
+            return;
+        }
+        match self.spawn(index) {
+            Ok(worker) => self.slots[index].replacement = Some(worker),
+            Err(err) => {
+                tracing::error!("slot {index}: {err}; the old worker keeps serving");
+                self.fail_reload(index);
+            }
+        }
+    }
+
+    /// The replacement is ready: it becomes current and its predecessor drains.
+    fn promote_replacement(&mut self, index: usize) {
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        let slot = &mut self.slots[index];
+        let Some(new) = slot.replacement.take() else {
+            return;
+        };
+        if let Some(mut old) = slot.current.replace(new) {
+            tracing::info!(
+                "slot {index}: worker pid {} takes over; draining pid {}",
+                slot.current.as_ref().map_or(0, |w| w.pid),
+                old.pid
+            );
+            old.drain(deadline);
+            slot.retiring.push(old);
+        }
+        if self.stopping {
+            if let Some(current) = slot.current.as_mut() {
+                current.drain(deadline);
+            }
+        }
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|reload| reload.waiting_on == Some(index))
+        {
+            let _ = self.advance_reload();
+        }
+    }
+
+    fn recycle(&mut self, index: usize, reason: &str) {
+        let slot = &self.slots[index];
+        if self.stopping || slot.replacement.is_some() {
+            return;
+        }
+        if let Some(current) = &slot.current {
+            tracing::info!(
+                "slot {index}: replacing worker pid {}: {reason}",
+                current.pid
+            );
+        }
+        self.start_replacement(index);
+    }
+
+    /// Moves a rolling reload on to its next slot.
+    fn advance_reload(&mut self) -> Flow {
+        loop {
+            let Some(reload) = self.reload.as_mut() else {
+                return Flow::Continue;
+            };
+            let Some(index) = reload.queue.pop_front() else {
+                tracing::info!("reload complete: every slot runs a new worker");
+                self.reload = None;
+                return Flow::Continue;
+            };
+            reload.waiting_on = Some(index);
+            let slot = &mut self.slots[index];
+            if slot.gave_up || slot.current.is_none() {
+                // Nothing to hand over from: a reload is also the way to retry
+                // a slot that was given up on.
+                slot.gave_up = false;
+                slot.failures = 0;
+                slot.restart_at = None;
+                if slot.current.is_none() && slot.replacement.is_none() {
+                    if let Flow::Exit(result) = self.fill_slot(index) {
+                        return Flow::Exit(result);
+                    }
+                }
+                continue;
+            }
+            self.start_replacement(index);
+            return Flow::Continue;
+        }
+    }
+
+    fn fail_reload(&mut self, index: usize) {
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|reload| reload.waiting_on == Some(index))
+        {
+            tracing::error!(
+                "reload failed at slot {index}; slots not yet reloaded keep their old workers"
+            );
+            self.reload = None;
+        }
+    }
+
+    fn announce_when_serving(&mut self) {
+        if self.announced
+            || !self
+                .slots
+                .iter()
+                .all(|slot| slot.gave_up || slot.is_serving())
+            || !self.slots.iter().any(Slot::is_serving)
+        {
+            return;
+        }
+        self.announced = true;
+        let mut stdout = std::io::stdout().lock();
+        for address in &self.bound {
+            let _ = writeln!(
+                stdout,
+                "corral: listening on http://{} ({} workers, balance={})",
+                address.local,
+                self.slots.len(),
+                self.config.balance
+            );
+        }
+        let _ = stdout.flush();
+    }
+
+    fn spawn(&mut self, index: usize) -> Result<WorkerProcess> {
+        let slot = &mut self.slots[index];
+        let generation = slot.next_generation;
+        slot.next_generation += 1;
+        let listeners: Vec<_> = self
+            .bound
+            .iter()
+            .map(|address| address.socket_for_slot(index).as_raw_fd())
+            .collect();
+        let spawned = spawn_worker(&self.program, &self.args, index, generation, &listeners)
+            .map_err(|source| Error::Spawn {
+                exe: self.program.display().to_string(),
+                source,
+            })?;
+        tracing::info!(
+            "slot {index}: started worker pid {} (generation {generation})",
+            spawned.pid
+        );
+        let (outbox_tx, outbox) = mpsc::unbounded_channel();
+        let events = self.events_tx.clone();
+        let mut child = spawned.child;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = events.send(Event::Exited {
+                slot: index,
+                generation,
+                status,
+            });
+        });
+        tokio::spawn(relay(
+            index,
+            generation,
+            spawned.ipc,
+            outbox,
+            self.events_tx.clone(),
+        ));
+        Ok(WorkerProcess::new(generation, spawned.pid, outbox_tx))
+    }
+}
+
+/// Carries one worker's messages in both directions until its channel ends.
+async fn relay(
+    slot: usize,
+    generation: u64,
+    stream: tokio::net::UnixStream,
+    mut outbox: mpsc::UnboundedReceiver<ToWorker>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let (mut sender, mut receiver) = ipc::channel(stream);
+    loop {
+        tokio::select! {
+            received = receiver.recv::<ToPrimary>() => match received {
+                Ok(message) => {
+                    let _ = events.send(Event::Message { slot, generation, message });
+                }
+                Err(error) => {
+                    let _ = events.send(Event::ChannelClosed { slot, generation, error });
+                    return;
+                }
+            },
+            outgoing = outbox.recv() => match outgoing {
+                Some(message) => {
+                    if sender.send(&message).await.is_err() {
+                        // The worker is gone; its exit is reported separately.
+                        return;
+                    }
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(signal)) => match nix::sys::signal::Signal::try_from(signal) {
+                Ok(signal) => format!("was killed by {signal}"),
+                Err(_) => format!("was killed by signal {signal}"),
+            },
+            _ => "exited".to_owned(),
+        },
+        Err(err) => format!("could not be waited for ({err})"),
+    }
+}

@@ -1,0 +1,23 @@
+//! The messages that cross a worker's IPC channel.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::WorkerStats;
+
+/// From a worker to the primary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum ToPrimary {
+    /// The worker is accepting connections.
+    Ready,
+    /// The event loop is alive; sent from the loop itself every interval.
+    Heartbeat(WorkerStats),
+    /// The worker asks to be replaced (it reached its request limit).
+    Recycle { reason: String },
+}
+
+/// From the primary to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum ToWorker {
+    /// Stop accepting, finish in-flight requests, exit.
+    Drain,
+}

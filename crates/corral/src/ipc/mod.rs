@@ -1,0 +1,7 @@
+//! The framed, bounded, typed channel between the primary and each worker.
+
+mod channel;
+mod message;
+
+pub(crate) use channel::{channel, ChannelError, Receiver, Sender};
+pub(crate) use message::{ToPrimary, ToWorker};

@@ -1,0 +1,76 @@
+//! What a worker reports about itself with every heartbeat.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+/// A worker's figures at one heartbeat.
+///
+/// ```
+/// let stats = corral::metrics::WorkerStats::default();
+/// assert_eq!(stats.requests_total, 0);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Requests seen by [`Worker::track_requests`](crate::Worker::track_requests).
+    pub requests_total: u64,
+    /// Requests currently being answered.
+    pub requests_in_flight: u64,
+    /// Connections accepted since the worker started.
+    pub connections_total: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Resident set size of the worker process, in bytes.
+    pub rss_bytes: u64,
+}
+
+/// The live counters behind [`WorkerStats`], shared by the listener, the
+/// request layer and the heartbeat.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerCounters {
+    pub requests_total: AtomicU64,
+    pub requests_in_flight: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_open: AtomicU64,
+}
+
+impl WorkerCounters {
+    pub fn snapshot(&self) -> WorkerStats {
+        WorkerStats {
+            requests_total: self.requests_total.load(Ordering::Relaxed),
+            requests_in_flight: self.requests_in_flight.load(Ordering::Relaxed),
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            connections_open: self.connections_open.load(Ordering::Relaxed),
+            rss_bytes: resident_set_bytes().unwrap_or(0),
+        }
+    }
+}
+
+/// The resident set size of this process, read from `/proc/self/statm`.
+#[cfg(target_os = "linux")]
+pub(crate) fn resident_set_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()?;
+    Some(pages * page_size as u64)
+}
+
+/// Not measured off Linux.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn resident_set_bytes() -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn this_process_has_a_resident_set() {
+        assert!(resident_set_bytes().unwrap() > 0);
+    }
+}

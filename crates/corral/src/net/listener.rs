@@ -1,0 +1,203 @@
+//! The worker's view of its sockets: a stream of accepted connections that
+//! stops (without closing anything) when the worker drains.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::WorkerCounters;
+
+/// Accepted connections from every socket this worker serves.
+///
+/// Implements [`axum::serve::Listener`], so it plugs straight into
+/// `axum::serve`. When the primary asks the worker to drain, `accept` stops
+/// yielding: new connections stay queued in the kernel for the other workers
+/// (or for this slot's replacement) instead of being refused.
+///
+/// ```no_run
+/// use axum::serve::Listener as _;
+///
+/// corral::Cluster::builder().listen("127.0.0.1:8080").run(|worker| async move {
+///     let mut listener = worker.listener();
+///     loop {
+///         let (connection, peer) = listener.accept().await;
+///         println!("connection from {peer}");
+///         drop(connection);
+///     }
+///     #[allow(unreachable_code)]
+///     Ok::<(), std::io::Error>(())
+/// })
+/// # .unwrap();
+/// ```
+#[derive(Debug)]
+pub struct Listener {
+    sockets: Vec<TcpListener>,
+    next: usize,
+    draining: CancellationToken,
+    counters: Arc<WorkerCounters>,
+}
+
+impl Listener {
+    pub(crate) fn new(
+        sockets: Vec<TcpListener>,
+        draining: CancellationToken,
+        counters: Arc<WorkerCounters>,
+    ) -> Self {
+        Listener {
+            sockets,
+            next: 0,
+            draining,
+            counters,
+        }
+    }
+
+    /// Polls every socket, starting after the one that yielded last, so a busy
+    /// address cannot starve the others.
+    fn poll_accept_any(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
+        let count = self.sockets.len();
+        for offset in 0..count {
+            let index = (self.next + offset) % count;
+            if let Poll::Ready(result) = self.sockets[index].poll_accept(cx) {
+                self.next = (index + 1) % count;
+                return Poll::Ready(result);
+            }
+        }
+        Poll::Pending
+    }
+
+    async fn accept_connection(&mut self) -> (Connection, SocketAddr) {
+        loop {
+            let draining = self.draining.clone();
+            let result = tokio::select! {
+                biased;
+                _ = draining.cancelled() => std::future::pending().await,
+                result = poll_fn(|cx| self.poll_accept_any(cx)) => result,
+            };
+            match result {
+                Ok((stream, peer)) => {
+                    // Small responses should leave at once, not wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    return (Connection::new(stream, self.counters.clone()), peer);
+                }
+                Err(err) if is_per_connection_error(&err) => continue,
+                Err(err) => {
+                    // Out of descriptors or memory: back off instead of spinning,
+                    // as hyper's and axum's own accept loops do.
+                    tracing::error!("accept failed: {err}; retrying in 100 ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Errors that concern one connection that died in the queue, not the socket.
+fn is_per_connection_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Connection;
+    type Addr = SocketAddr;
+
+    fn accept(&mut self) -> impl std::future::Future<Output = (Self::Io, Self::Addr)> + Send {
+        self.accept_connection()
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        match self.sockets.first() {
+            Some(socket) => socket.local_addr(),
+            None => Err(io::Error::other("this worker has no listening socket")),
+        }
+    }
+}
+
+/// An accepted TCP connection, counted in the worker's statistics while open.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    counters: Arc<WorkerCounters>,
+}
+
+impl Connection {
+    fn new(stream: TcpStream, counters: Arc<WorkerCounters>) -> Self {
+        counters.connections_total.fetch_add(1, Ordering::Relaxed);
+        counters.connections_open.fetch_add(1, Ordering::Relaxed);
+        Connection { stream, counters }
+    }
+
+    /// The underlying TCP stream.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// The client's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.stream.peer_addr()
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.counters
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,371 @@
+//! Real clusters of the `hello` example: real processes, sockets and signals.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::{Cluster, KeepAliveClient};
+
+#[test]
+fn cluster_every_worker_serves_the_one_port() {
+    let cluster = Cluster::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let mut slots = BTreeMap::new();
+    for _ in 0..200 {
+        let (slot, pid) = cluster.hello().expect("GET /");
+        slots.insert(slot, pid);
+    }
+    assert_eq!(
+        slots.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1],
+        "{slots:?}"
+    );
+    let pids: BTreeSet<i32> = slots.values().copied().collect();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(
+        cluster.worker_pids().into_iter().collect::<BTreeSet<_>>(),
+        pids,
+        "the answering pids are the primary's workers"
+    );
+}
+
+#[test]
+fn cluster_several_listen_addresses_are_all_served() {
+    let mut child_and_log = support::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+    ]);
+    let stdout = child_and_log.0.stdout.take().unwrap();
+    let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .take(2)
+        .map(|line| line.unwrap())
+        .collect();
+    let addrs: Vec<std::net::SocketAddr> = lines
+        .iter()
+        .map(|line| {
+            line.split("listening on http://")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_ne!(addrs[0], addrs[1]);
+    for addr in &addrs {
+        let (status, body) = support::get_once(*addr, "/").unwrap();
+        assert_eq!(status, 200);
+        assert!(body.starts_with("hello from worker"), "{body}");
+    }
+    let _ = kill(
+        Pid::from_raw(-(child_and_log.0.id() as i32)),
+        Signal::SIGKILL,
+    );
+    let _ = child_and_log.0.wait();
+}
+
+#[test]
+fn cluster_killed_worker_is_replaced_and_later_requests_succeed() {
+    let cluster = Cluster::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let mut by_slot = BTreeMap::new();
+    while by_slot.len() < 2 {
+        let (slot, pid) = cluster.hello().unwrap();
+        by_slot.insert(slot, pid);
+    }
+    let victim = by_slot[&0];
+
+    // A client keeps sending while the worker dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let after_kill = Arc::new(AtomicBool::new(false));
+    let failures_after_kill = Arc::new(Mutex::new(Vec::new()));
+    let served_after_kill = Arc::new(AtomicU64::new(0));
+    let client = {
+        let (stop, after_kill, failures, served) = (
+            stop.clone(),
+            after_kill.clone(),
+            failures_after_kill.clone(),
+            served_after_kill.clone(),
+        );
+        let addr = cluster.addr;
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let started_after_kill = after_kill.load(Ordering::SeqCst);
+                let result = support::get_once(addr, "/");
+                if started_after_kill {
+                    match result {
+                        Ok((200, _)) => {
+                            served.fetch_add(1, Ordering::SeqCst);
+                        }
+                        other => failures.lock().unwrap().push(format!("{other:?}")),
+                    }
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    assert!(support::wait_until(Duration::from_secs(10), || {
+        !support::process_alive(victim)
+    }));
+    after_kill.store(true, Ordering::SeqCst);
+
+    let refilled = support::wait_until(
+        Duration::from_secs(20),
+        || matches!(cluster.hello(), Ok((0, pid)) if pid != victim),
+    );
+    assert!(
+        refilled,
+        "slot 0 was not refilled; log:\n{}",
+        cluster.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    client.join().unwrap();
+
+    let failures = failures_after_kill.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "requests failed after the kill: {failures:?}"
+    );
+    assert!(served_after_kill.load(Ordering::SeqCst) > 0);
+    assert_eq!(cluster.worker_pids().len(), 2);
+}
+
+#[test]
+fn cluster_sighup_reloads_every_worker_with_zero_failed_requests() {
+    let cluster = Cluster::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let before: BTreeSet<i32> = cluster.worker_pids().into_iter().collect();
+    assert_eq!(before.len(), 2);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let answered_by = Arc::new(Mutex::new(BTreeSet::<i32>::new()));
+    let served = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for keep_alive in [false, false, true, true] {
+        let (stop, failures, answered_by, served) = (
+            stop.clone(),
+            failures.clone(),
+            answered_by.clone(),
+            served.clone(),
+        );
+        let addr = cluster.addr;
+        clients.push(std::thread::spawn(move || {
+            let mut client = KeepAliveClient::new(addr);
+            while !stop.load(Ordering::SeqCst) {
+                let result = if keep_alive {
+                    client.get("/")
+                } else {
+                    support::get_once(addr, "/")
+                };
+                match result.and_then(|(status, body)| support::parse_hello(status, &body)) {
+                    Ok((_, pid)) => {
+                        answered_by.lock().unwrap().insert(pid);
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(err) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("keep_alive={keep_alive}: {err}")),
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.signal(Signal::SIGHUP);
+    let replaced = support::wait_until(Duration::from_secs(30), || {
+        let now: BTreeSet<i32> = cluster.worker_pids().into_iter().collect();
+        now.len() == 2 && now.is_disjoint(&before)
+    });
+    assert!(
+        replaced,
+        "workers were not all replaced; log:\n{}",
+        cluster.stderr()
+    );
+    // Keep sending while the old workers finish draining.
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.join().unwrap();
+    }
+
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let after: BTreeSet<i32> = cluster.worker_pids().into_iter().collect();
+    let answered_by = answered_by.lock().unwrap();
+    assert!(
+        answered_by.is_superset(&after),
+        "new workers served: {answered_by:?} vs {after:?}"
+    );
+    assert!(served.load(Ordering::SeqCst) > 100);
+}
+
+#[test]
+fn cluster_sigterm_finishes_in_flight_requests_and_leaves_no_process() {
+    let mut cluster = Cluster::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    let addr = cluster.addr;
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || support::get_once(addr, "/block?ms=1500")))
+        .collect();
+    // Long enough for the requests to be accepted; they take 1.5 s to answer.
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.signal(Signal::SIGTERM);
+    for request in in_flight {
+        let (status, body) = request
+            .join()
+            .unwrap()
+            .expect("in-flight request completes");
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("blocked the event loop for 1500 ms"),
+            "{body}"
+        );
+    }
+    let status = cluster.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "log:\n{}", cluster.stderr());
+    let pgid = cluster.pid();
+    assert!(
+        support::wait_until(Duration::from_secs(5), || support::group_members(pgid)
+            .is_empty()),
+        "processes left behind: {:?}",
+        support::group_members(pgid)
+    );
+}
+
+#[test]
+fn cluster_hung_worker_is_caught_by_the_heartbeat_and_replaced() {
+    let cluster = Cluster::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--heartbeat-timeout",
+        "1s",
+    ]);
+    let (_, hung) = cluster.hello().unwrap();
+    let addr = cluster.addr;
+    let blocker = std::thread::spawn(move || support::get_once(addr, "/block?ms=20000"));
+    let replaced = support::wait_until(
+        Duration::from_secs(15),
+        || matches!(cluster.hello(), Ok((0, pid)) if pid != hung),
+    );
+    assert!(
+        replaced,
+        "the hung worker was not replaced; log:\n{}",
+        cluster.stderr()
+    );
+    assert!(!support::process_alive(hung));
+    assert!(
+        cluster.stderr().contains("sent no heartbeat"),
+        "{}",
+        cluster.stderr()
+    );
+    // The blocked request died with its worker.
+    assert!(blocker.join().unwrap().is_err());
+}
+
+#[test]
+fn cluster_garbage_on_a_worker_channel_is_survived() {
+    let cluster = Cluster::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--fault",
+        "ipc-garbage",
+    ]);
+    assert!(
+        support::wait_until(Duration::from_secs(10), || cluster
+            .stderr()
+            .contains("broke its IPC channel")),
+        "log:\n{}",
+        cluster.stderr()
+    );
+    // Slot 0 is refilled and both slots answer; the primary is still there.
+    let mut slots = BTreeSet::new();
+    assert!(support::wait_until(Duration::from_secs(10), || {
+        if let Ok((slot, _)) = cluster.hello() {
+            slots.insert(slot);
+        }
+        slots.len() == 2
+    }));
+    assert!(support::process_alive(cluster.pid()));
+    assert!(cluster.stderr().contains("slot 0: started worker"));
+}
+
+#[test]
+fn cluster_crash_loop_is_retried_with_back_off_then_reported() {
+    let (mut child, log) = support::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--fault",
+        "crash-on-start",
+    ]);
+    let status = support::wait_child(&mut child, Duration::from_secs(30))
+        .expect("the primary gives up instead of restarting forever");
+    assert_eq!(status.code(), Some(1));
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().clone();
+    assert!(log.matches("started worker").count() >= 3, "{log}");
+    assert!(log.contains("restarting it in"), "no back-off: {log}");
+    assert!(log.contains("crash loop"), "{log}");
+}
+
+#[test]
+fn cluster_worker_that_never_becomes_ready_is_killed_and_reported() {
+    let (mut child, log) = support::spawn(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--ready-timeout",
+        "300ms",
+        "--fault",
+        "never-ready",
+    ]);
+    let status = support::wait_child(&mut child, Duration::from_secs(60))
+        .expect("the primary gives up instead of waiting forever");
+    assert_ne!(status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("did not become ready within 300ms"), "{log}");
+    assert!(log.contains("crash loop"), "{log}");
+}
+
+#[test]
+fn cluster_port_in_use_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let (mut child, log) = support::spawn(&["--listen", &addr, "--workers", "2"]);
+    let status = support::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
+    assert_ne!(status.code(), Some(0));
+    std::thread::sleep(Duration::from_millis(100));
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains("already in use"), "{log}");
+}
+
+#[test]
+fn cluster_unknown_flag_is_a_usage_error() {
+    let (mut child, log) = support::spawn(&["--listen", "127.0.0.1:0", "--no-such-flag"]);
+    let status = support::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(2));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(log.lock().unwrap().contains("--no-such-flag"));
+}

@@ -1,0 +1,349 @@
+//! Starting real clusters of the `hello` example and talking to them.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The built `hello` example (cargo builds examples before running tests;
+/// build it here if it is missing, e.g. under a filtered build).
+pub fn hello_binary() -> PathBuf {
+    let test_exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = test_exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile directory");
+    let binary = profile_dir.join("examples").join("hello");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "corral", "--example", "hello"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the hello example failed");
+    }
+    binary
+}
+
+/// A running cluster, killed with its whole process group when dropped.
+pub struct Cluster {
+    pub child: Child,
+    pub addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Cluster {
+    /// Starts `hello` with these arguments and waits for its
+    /// `listening on http://...` line.
+    pub fn start(args: &[&str]) -> Cluster {
+        let (mut child, stderr) = spawn(args);
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
+        let addr = line
+            .split("listening on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
+        Cluster {
+            child,
+            addr,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid()), signal).expect("signal the primary");
+    }
+
+    /// What the cluster logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The primary's live child processes (its workers).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    /// Waits for the primary to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        wait_child(&mut self.child, limit).unwrap_or_else(|| {
+            panic!(
+                "the primary did not exit within {limit:?}; stderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+
+    /// `GET path` on a new connection.
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        get_once(self.addr, path)
+    }
+
+    /// The `(slot, pid)` a `GET /` was answered by.
+    pub fn hello(&self) -> std::io::Result<(usize, i32)> {
+        let (status, body) = self.get("/")?;
+        parse_hello(status, &body)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // The primary leads its own process group: this reaches every worker.
+        let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `hello` without waiting for it to listen.
+pub fn spawn(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new(hello_binary())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start the hello example");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let sink = stderr.clone();
+    let pipe = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (child, stderr)
+}
+
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+/// One HTTP/1.1 request on its own connection.
+pub fn get_once(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    parse_response(&response)
+}
+
+pub fn parse_response(response: &str) -> std::io::Result<(u16, String)> {
+    let bad = || std::io::Error::other(format!("malformed response: {response:?}"));
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(bad)?;
+    let body = response.split("\r\n\r\n").nth(1).ok_or_else(bad)?;
+    Ok((status, body.to_owned()))
+}
+
+pub fn parse_hello(status: u16, body: &str) -> std::io::Result<(usize, i32)> {
+    // "hello from worker SLOT (pid PID)"
+    let bad = || std::io::Error::other(format!("unexpected answer {status}: {body:?}"));
+    if status != 200 {
+        return Err(bad());
+    }
+    let rest = body.strip_prefix("hello from worker ").ok_or_else(bad)?;
+    let (slot, rest) = rest.split_once(" (pid ").ok_or_else(bad)?;
+    let pid = rest.strip_suffix(')').ok_or_else(bad)?;
+    Ok((
+        slot.parse().map_err(|_| bad())?,
+        pid.parse().map_err(|_| bad())?,
+    ))
+}
+
+/// Live (not zombie) child processes of `parent`, read from /proc.
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let mut children = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return children;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command name: state, ppid, ...
+        let Some(after) = stat.rsplit_once(") ").map(|(_, after)| after) else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(parent) && state != Some("Z") {
+            children.push(pid);
+        }
+    }
+    children.sort_unstable();
+    children
+}
+
+pub fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    !stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, after)| after.starts_with('Z'))
+}
+
+/// Live (not zombie) processes in the process group `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let mut members = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return members;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(") ").map(|(_, after)| after) else {
+            continue;
+        };
+        // state, ppid, pgrp
+        let fields: Vec<&str> = after.split_whitespace().take(3).collect();
+        if fields.len() == 3 && fields[0] != "Z" && fields[2].parse() == Ok(pgid) {
+            members.push(pid);
+        }
+    }
+    members
+}
+
+/// An HTTP/1.1 client that keeps its connection open between requests, never
+/// retries, and reconnects only when the server says `Connection: close`:
+/// any reset or early close counts as a failed request.
+pub struct KeepAliveClient {
+    addr: SocketAddr,
+    stream: Option<BufReader<TcpStream>>,
+    pub connections: u64,
+}
+
+impl KeepAliveClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        KeepAliveClient {
+            addr,
+            stream: None,
+            connections: 0,
+        }
+    }
+
+    pub fn get(&mut self, path: &str) -> std::io::Result<(u16, String)> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            self.stream = Some(BufReader::new(stream));
+            self.connections += 1;
+        }
+        let result = self.exchange(path);
+        match &result {
+            Ok((_, _, close)) if !*close => {}
+            _ => self.stream = None,
+        }
+        result.map(|(status, body, _)| (status, body))
+    }
+
+    fn exchange(&mut self, path: &str) -> std::io::Result<(u16, String, bool)> {
+        let addr = self.addr;
+        let reader = self.stream.as_mut().expect("connected");
+        write!(
+            reader.get_mut(),
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n"
+        )?;
+        let mut status_line = String::new();
+        if reader.read_line(&mut status_line)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed before the response",
+            ));
+        }
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+        let mut length = 0usize;
+        let mut close = false;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                let value = value.trim();
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.parse().unwrap_or(0);
+                } else if name.eq_ignore_ascii_case("connection")
+                    && value.eq_ignore_ascii_case("close")
+                {
+                    close = true;
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
+    }
+}
