@@ -54,6 +54,10 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
 
+    /// A worker that crashes before serving this long counts towards the crash loop (e.g. 5s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub min_uptime: Option<Duration>,
+
     /// Replace a worker after about this many requests.
     #[arg(long, value_name = "N")]
     pub max_requests: Option<u64>,
@@ -84,6 +88,9 @@ impl ClusterArgs {
         }
         if let Some(timeout) = self.shutdown_timeout {
             builder = builder.shutdown_timeout(timeout);
+        }
+        if let Some(uptime) = self.min_uptime {
+            builder = builder.min_uptime(uptime);
         }
         if let Some(requests) = self.max_requests {
             builder = builder.max_requests(requests, self.max_requests_jitter);

@@ -191,7 +191,8 @@ impl ClusterBuilder {
     }
 
     /// After this many consecutive failed starts a slot is not restarted any
-    /// more (default 5). A worker that stays up for ten seconds resets the count.
+    /// more (default 5). A worker that serves for [`min_uptime`](Self::min_uptime)
+    /// resets the count.
     ///
     /// ```
     /// let b = corral::Cluster::builder().crash_loop_limit(3);
@@ -199,6 +200,21 @@ impl ClusterBuilder {
     /// ```
     pub fn crash_loop_limit(mut self, failures: u32) -> Self {
         self.config.crash_loop_limit = failures.max(1);
+        self
+    }
+
+    /// How long a worker must have been serving for its crash not to count
+    /// towards the crash loop (default 5 s; PM2's `min_uptime`). Shorter-lived
+    /// workers are restarted with growing back-off and, after
+    /// [`crash_loop_limit`](Self::crash_loop_limit) in a row, given up on.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().min_uptime(Duration::from_secs(1));
+    /// # drop(b);
+    /// ```
+    pub fn min_uptime(mut self, uptime: Duration) -> Self {
+        self.config.stable_after = uptime;
         self
     }
 

@@ -114,7 +114,7 @@ impl Default for Config {
             restart_backoff: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(10),
             crash_loop_limit: 5,
-            stable_after: Duration::from_secs(10),
+            stable_after: Duration::from_secs(5),
             logging: true,
         }
     }
