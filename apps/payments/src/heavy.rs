@@ -39,6 +39,10 @@ impl From<HeavyError> for crate::error::ApiError {
     }
 }
 
+/// A place in the heavy queue, held until the task it was taken for ends.
+#[derive(Debug)]
+pub struct Admission(OwnedSemaphorePermit);
+
 /// A bounded runner for CPU-heavy closures. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Heavy {
@@ -80,7 +84,7 @@ impl Heavy {
             .acquire_owned()
             .await
             .map_err(|e| HeavyError::Failed(e.to_string()))?;
-        self.run_admitted(admission, f).await
+        self.run_with(admission, f).await
     }
 
     /// Run `f` if the queue has room, else fail at once with
@@ -95,14 +99,33 @@ impl Heavy {
                 retry_after_secs: self.retry_after_secs,
             })
         })?;
-        self.run_admitted(admission, f).await
+        self.run_with(admission, f).await
     }
 
-    async fn run_admitted<T, F>(
-        &self,
-        admission: OwnedSemaphorePermit,
-        f: F,
-    ) -> Result<T, HeavyError>
+    /// Take a place in the queue now, to run a closure later with
+    /// [`Heavy::run_admitted`]; fails at once when the queue is full. Lets a
+    /// handler refuse new work with 503 before it stores anything, while the
+    /// admitted work itself waits for a thread.
+    pub fn try_admit(&self) -> Result<Admission, Overloaded> {
+        self.admitted
+            .clone()
+            .try_acquire_owned()
+            .map(Admission)
+            .map_err(|_| Overloaded {
+                retry_after_secs: self.retry_after_secs,
+            })
+    }
+
+    /// Run `f` in a place taken earlier with [`Heavy::try_admit`].
+    pub async fn run_admitted<T, F>(&self, admission: Admission, f: F) -> Result<T, HeavyError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run_with(admission.0, f).await
+    }
+
+    async fn run_with<T, F>(&self, admission: OwnedSemaphorePermit, f: F) -> Result<T, HeavyError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,

@@ -12,8 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
+use crate::error::ApiError;
 use crate::events::Event;
-use crate::heavy::HeavyError;
+use crate::heavy::{Admission, HeavyError};
 use crate::settlement::{check_all, count_lines, new_batch_id, split_header, BatchResult};
 use crate::state::AppState;
 use crate::store::{now_ms, StoreError};
@@ -34,38 +35,43 @@ fn lease_until(state: &AppState) -> i64 {
 }
 
 /// Store a batch (whose header was already checked) as a job leased to this
-/// process, and start it. Admission goes through `try_run`, so an overloaded
-/// process answers 503 before anything is stored.
-pub async fn submit(state: &AppState, body: Bytes) -> Result<String, HeavyError> {
+/// process, and start it. Admission comes first, so an overloaded process
+/// answers 503 before anything is stored; once stored, the job keeps its
+/// place and waits for a pool thread.
+pub async fn submit(state: &AppState, body: Bytes) -> Result<String, ApiError> {
+    let admission = state.heavy().try_admit()?;
     let batch_id = new_batch_id();
     let st = state.clone();
     let id = batch_id.clone();
-    let stored = state
-        .heavy()
-        .try_run(move || {
+    state
+        .store()
+        .blocking(move |store| {
             let total = split_header(&body).map(count_lines).unwrap_or(0) as u64;
-            st.store()
-                .enqueue_batch(&id, &body, total, st.owner(), lease_until(&st))
+            store.enqueue_batch(&id, &body, total, st.owner(), lease_until(&st))
         })
         .await?;
-    stored.map_err(|e| HeavyError::Failed(e.to_string()))?;
-    spawn(state.clone(), batch_id.clone());
-    Ok(batch_id)
-}
-
-/// Run a job we hold the lease of, in the background.
-pub fn spawn(state: AppState, batch_id: String) {
+    let st = state.clone();
+    let id = batch_id.clone();
     tokio::spawn(async move {
-        if let Err(e) = run(&state, &batch_id).await {
+        if let Err(e) = run_with(&st, &id, Some(admission)).await {
             // The lease will run out and a sweeper will retry the job.
-            tracing::warn!(%batch_id, error = %e, "settlement job failed; will be retried");
+            tracing::warn!(batch_id = %id, error = %e, "settlement job failed; will be retried");
         }
     });
+    Ok(batch_id)
 }
 
 /// Run one job to completion. Returns `None` if the lease was lost (another
 /// process finishes it) or the job is already done.
 pub async fn run(state: &AppState, batch_id: &str) -> Result<Option<BatchResult>, JobError> {
+    run_with(state, batch_id, None).await
+}
+
+async fn run_with(
+    state: &AppState,
+    batch_id: &str,
+    admission: Option<Admission>,
+) -> Result<Option<BatchResult>, JobError> {
     let renewer = {
         let st = state.clone();
         let id = batch_id.to_owned();
@@ -89,37 +95,42 @@ pub async fn run(state: &AppState, batch_id: &str) -> Result<Option<BatchResult>
             }
         })
     };
-    let outcome = run_inner(state, batch_id).await;
+    let outcome = run_inner(state, batch_id, admission).await;
     renewer.abort();
     outcome
 }
 
-async fn run_inner(state: &AppState, batch_id: &str) -> Result<Option<BatchResult>, JobError> {
+async fn run_inner(
+    state: &AppState,
+    batch_id: &str,
+    admission: Option<Admission>,
+) -> Result<Option<BatchResult>, JobError> {
     let id = batch_id.to_owned();
     let Some(body) = state.store().blocking(move |s| s.batch_body(&id)).await? else {
         return Ok(None);
     };
     let st = state.clone();
     let id = batch_id.to_owned();
-    // Already admitted (a 202 was sent), so wait for the pool, never reject.
-    let settled = state
-        .heavy()
-        .run(move || -> Result<Option<BatchResult>, StoreError> {
-            let data = split_header(&body).unwrap_or(&[]);
-            let total = count_lines(data) as u64;
-            let lines = check_all(data, st.merchants(), |done| {
-                let done = done as u64;
-                // Progress doubles as a lease renewal; a failed write only
-                // delays the progress report.
-                let _ = st
-                    .store()
-                    .renew_lease(&id, st.owner(), lease_until(&st), Some(done));
-                st.events()
-                    .publish(Event::settlement_progress(&id, done, total));
-            });
-            st.store().settle(&id, &lines, Some(st.owner()))
-        })
-        .await??;
+    // Already accepted (a 202 was sent), so wait for the pool, never reject.
+    let work = move || -> Result<Option<BatchResult>, StoreError> {
+        let data = split_header(&body).unwrap_or(&[]);
+        let total = count_lines(data) as u64;
+        let lines = check_all(data, st.merchants(), |done| {
+            let done = done as u64;
+            // Progress doubles as a lease renewal; a failed write only
+            // delays the progress report.
+            let _ = st
+                .store()
+                .renew_lease(&id, st.owner(), lease_until(&st), Some(done));
+            st.events()
+                .publish(Event::settlement_progress(&id, done, total));
+        });
+        st.store().settle(&id, &lines, Some(st.owner()))
+    };
+    let settled = match admission {
+        Some(a) => state.heavy().run_admitted(a, work).await??,
+        None => state.heavy().run(work).await??,
+    };
     if let Some(result) = &settled {
         publish_completed(state, result);
     }
