@@ -66,13 +66,27 @@ pub async fn serve_state(state: AppState) -> Server {
     }
 }
 
-/// Occupy one thread of a heavy runner until the returned sender is dropped
-/// or sent to. Returns once the blocker is running.
-pub async fn block_one(heavy: &Heavy) -> std::sync::mpsc::Sender<()> {
+/// A closure occupying one thread of a heavy runner.
+pub struct Blocker {
+    release: std::sync::mpsc::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blocker {
+    /// Let the blocker end and wait until its pool place is free again.
+    pub async fn release(self) {
+        let _ = self.release.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Occupy one thread of a heavy runner until released. Returns once the
+/// blocker is running. Dropping the blocker also lets the closure end.
+pub async fn block_one(heavy: &Heavy) -> Blocker {
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
     let h = heavy.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = h
             .run(move || {
                 let _ = started_tx.send(());
@@ -81,7 +95,10 @@ pub async fn block_one(heavy: &Heavy) -> std::sync::mpsc::Sender<()> {
             .await;
     });
     started_rx.await.expect("blocker started");
-    release_tx
+    Blocker {
+        release: release_tx,
+        task,
+    }
 }
 
 /// HMAC-SHA256 hex of the signed text, computed here independently of the
