@@ -1,0 +1,484 @@
+//! Settlement batches: the CSV format, the per-line checks, and the merge of
+//! checked lines into a batch result.
+//!
+//! Checking is pure and works on independent chunks of whole lines, so the
+//! chunks of a large batch run in parallel (rayon) on the CPU pool. The merge
+//! is sequential because `duplicate` and `already_settled` depend on the lines
+//! accepted before: it takes a `claim` callback that the store implements
+//! inside one write transaction, so a batch commits atomically and every id is
+//! settled exactly once even when batches race across processes.
+
+use std::collections::{BTreeMap, HashSet};
+
+use axum::http::StatusCode;
+use hmac::Mac;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::merchants::{feed, Merchants};
+use crate::payment::is_currency;
+
+/// The required first line.
+pub const HEADER: &str = "id,merchant_id,amount,currency,signature";
+
+/// At most this many errors are listed in a result.
+pub const MAX_ERRORS: usize = 10_000;
+
+/// Target size of one parallel chunk, in bytes (cut at the next line end).
+pub const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Why a line was rejected. When several apply, the first in this order wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Not five well-formed fields.
+    Malformed,
+    /// The merchant is not known.
+    UnknownMerchant,
+    /// The signature does not match.
+    BadSignature,
+    /// The id was accepted earlier in this batch.
+    Duplicate,
+    /// The id was settled by an earlier batch.
+    AlreadySettled,
+}
+
+/// A line that passed the checks that need only the line itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// Settlement id, unique across merchants.
+    pub id: &'a str,
+    /// Known merchant.
+    pub merchant_id: &'a str,
+    /// Minor units, 1 ..= 2^63-1.
+    pub amount: i64,
+    /// Three upper-case letters.
+    pub currency: &'a str,
+}
+
+/// The outcome of checking one line alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineCheck<'a> {
+    /// Well-formed, known merchant, good signature.
+    Valid(Record<'a>),
+    /// Rejected; `id` is the first field when there is one.
+    Rejected {
+        /// The id field as written, if any.
+        id: Option<&'a str>,
+        /// Why.
+        reason: Reason,
+    },
+}
+
+/// One checked line with its physical 1-based line number (header is 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedLine<'a> {
+    /// Physical line number.
+    pub line: usize,
+    /// Outcome.
+    pub check: LineCheck<'a>,
+}
+
+/// One rejected line in a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineError {
+    /// Physical line number (header is 1).
+    pub line: usize,
+    /// The id field, or null when the line has none.
+    pub id: Option<String>,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// Count and sum of accepted lines for one merchant and currency.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Total {
+    /// Accepted lines.
+    pub count: u64,
+    /// Sum of their amounts (wide, since each amount may reach 2^63-1).
+    pub amount: u128,
+}
+
+/// The answer for a finished batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResult {
+    /// `stl_…`.
+    pub batch_id: String,
+    /// Data lines (header excluded).
+    pub total: usize,
+    /// Lines settled by this batch.
+    pub accepted: usize,
+    /// Lines rejected, all of them even when `errors` is truncated.
+    pub rejected: usize,
+    /// merchant → currency → totals, accepted lines only.
+    pub totals: BTreeMap<String, BTreeMap<String, Total>>,
+    /// Rejected lines sorted by line, at most [`MAX_ERRORS`].
+    pub errors: Vec<LineError>,
+    /// True when `errors` was cut at [`MAX_ERRORS`].
+    pub errors_truncated: bool,
+}
+
+/// A contiguous run of whole lines.
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    /// Physical number of the chunk's first line.
+    pub first_line: usize,
+    /// Number of lines in the chunk.
+    pub lines: usize,
+    /// The lines, each ended by `\n` except possibly the body's last one.
+    pub bytes: &'a [u8],
+}
+
+/// 400 for a missing or wrong header line.
+pub fn bad_header() -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_csv_header",
+        format!("the first line must be exactly `{HEADER}`"),
+    )
+}
+
+/// Check the header line and return the data lines after it.
+pub fn split_header(body: &[u8]) -> Result<&[u8], ApiError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let (first, rest) = match body.iter().position(|&b| b == b'\n') {
+        Some(i) => (&body[..i], &body[i + 1..]),
+        None => (body, &body[body.len()..]),
+    };
+    let first = first.strip_suffix(b"\r").unwrap_or(first);
+    if first != HEADER.as_bytes() {
+        return Err(bad_header());
+    }
+    Ok(rest)
+}
+
+/// Number of data lines: a final newline does not make an extra line.
+pub fn count_lines(data: &[u8]) -> usize {
+    if data.is_empty() {
+        return 0;
+    }
+    let newlines = data.iter().filter(|&&b| b == b'\n').count();
+    if data.ends_with(b"\n") {
+        newlines
+    } else {
+        newlines + 1
+    }
+}
+
+/// Cut the data lines into chunks of about `target` bytes of whole lines.
+pub fn split_chunks(data: &[u8], target: usize) -> Vec<Chunk<'_>> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut next_line = 2; // line 1 is the header
+    while start < data.len() {
+        let want = (start + target.max(1)).min(data.len());
+        let end = match data[want - 1..].iter().position(|&b| b == b'\n') {
+            Some(i) => want + i,
+            None => data.len(),
+        };
+        let bytes = &data[start..end];
+        let lines = count_lines(bytes);
+        chunks.push(Chunk {
+            first_line: next_line,
+            lines,
+            bytes,
+        });
+        next_line += lines;
+        start = end;
+    }
+    chunks
+}
+
+/// Check every line of a chunk on its own.
+pub fn check_chunk<'a>(chunk: &Chunk<'a>, merchants: &Merchants) -> Vec<CheckedLine<'a>> {
+    let mut bytes = chunk.bytes;
+    if let Some(stripped) = bytes.strip_suffix(b"\n") {
+        bytes = stripped;
+    }
+    bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, raw)| CheckedLine {
+            line: chunk.first_line + i,
+            check: check_line(raw, merchants),
+        })
+        .collect()
+}
+
+/// Check one line (without its `\n`; a trailing `\r` is accepted).
+pub fn check_line<'a>(raw: &'a [u8], merchants: &Merchants) -> LineCheck<'a> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let malformed = |id| LineCheck::Rejected {
+        id,
+        reason: Reason::Malformed,
+    };
+    let Ok(text) = std::str::from_utf8(raw) else {
+        return malformed(None);
+    };
+    let mut fields = text.split(',');
+    let id = fields.next().filter(|s| !s.is_empty());
+    let (Some(merchant_id), Some(amount_text), Some(currency), Some(signature), None) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) else {
+        return malformed(id);
+    };
+    let Some(id_text) = id else {
+        return malformed(None);
+    };
+    let mut sig = [0u8; 32];
+    let well_formed = is_valid_id(id_text)
+        && !merchant_id.is_empty()
+        && is_currency(currency)
+        && signature.len() == 64
+        && signature
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && hex::decode_to_slice(signature, &mut sig).is_ok();
+    let amount = match parse_amount(amount_text) {
+        Some(a) if well_formed => a,
+        _ => return malformed(id),
+    };
+    let Some(mut mac) = merchants.mac(merchant_id) else {
+        return LineCheck::Rejected {
+            id,
+            reason: Reason::UnknownMerchant,
+        };
+    };
+    feed(&mut mac, id_text, merchant_id, amount_text, currency);
+    // Constant-time comparison.
+    if mac.verify_slice(&sig).is_err() {
+        return LineCheck::Rejected {
+            id,
+            reason: Reason::BadSignature,
+        };
+    }
+    LineCheck::Valid(Record {
+        id: id_text,
+        merchant_id,
+        amount,
+        currency,
+    })
+}
+
+/// An id: 1–255 visible ASCII characters.
+fn is_valid_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 255 && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// Digits only, no sign, no leading zero, 1 ..= 2^63-1.
+pub fn parse_amount(s: &str) -> Option<i64> {
+    if s.is_empty() || s.starts_with('0') || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<i64>().ok()
+}
+
+/// Check all data lines, in parallel chunks. `on_progress(lines_done)` is
+/// called after each wave of chunks so callers can report progress.
+pub fn check_all<'a>(
+    data: &'a [u8],
+    merchants: &Merchants,
+    mut on_progress: impl FnMut(usize),
+) -> Vec<CheckedLine<'a>> {
+    let chunks = split_chunks(data, CHUNK_BYTES);
+    // A wave keeps every rayon thread busy while letting progress be reported.
+    let wave = rayon::current_num_threads().max(1) * 4;
+    let mut out = Vec::with_capacity(chunks.iter().map(|c| c.lines).sum());
+    let mut done = 0;
+    for group in chunks.chunks(wave) {
+        let checked: Vec<Vec<CheckedLine<'a>>> = group
+            .par_iter()
+            .map(|c| check_chunk(c, merchants))
+            .collect();
+        for part in checked {
+            done += part.len();
+            out.extend(part);
+        }
+        on_progress(done);
+    }
+    out
+}
+
+/// Merge checked lines, in line order, into a batch result.
+///
+/// `claim(record)` must record the id as settled by this batch and return
+/// `Ok(true)`, or return `Ok(false)` when an earlier batch already settled it.
+/// It is called for each valid line whose id this batch has not accepted yet.
+pub fn merge<E>(
+    batch_id: &str,
+    lines: &[CheckedLine<'_>],
+    mut claim: impl FnMut(&Record<'_>) -> Result<bool, E>,
+) -> Result<BatchResult, E> {
+    let mut accepted_ids: HashSet<&str> = HashSet::new();
+    let mut totals: BTreeMap<String, BTreeMap<String, Total>> = BTreeMap::new();
+    let mut errors = Vec::new();
+    let mut rejected = 0;
+    let mut reject = |line: usize, id: Option<&str>, reason: Reason| {
+        rejected += 1;
+        if errors.len() < MAX_ERRORS {
+            errors.push(LineError {
+                line,
+                id: id.map(str::to_owned),
+                reason,
+            });
+        }
+    };
+    for l in lines {
+        match &l.check {
+            LineCheck::Rejected { id, reason } => reject(l.line, *id, *reason),
+            LineCheck::Valid(rec) => {
+                // Only an accepted id makes later lines duplicates; a line
+                // rejected as already settled does not.
+                if accepted_ids.contains(rec.id) {
+                    reject(l.line, Some(rec.id), Reason::Duplicate);
+                } else if claim(rec)? {
+                    accepted_ids.insert(rec.id);
+                    let t = totals
+                        .entry(rec.merchant_id.to_owned())
+                        .or_default()
+                        .entry(rec.currency.to_owned())
+                        .or_default();
+                    t.count += 1;
+                    t.amount += rec.amount as u128;
+                } else {
+                    reject(l.line, Some(rec.id), Reason::AlreadySettled);
+                }
+            }
+        }
+    }
+    let accepted = accepted_ids.len();
+    Ok(BatchResult {
+        batch_id: batch_id.to_owned(),
+        total: lines.len(),
+        accepted,
+        rejected,
+        totals,
+        errors_truncated: rejected > MAX_ERRORS,
+        errors,
+    })
+}
+
+/// A new batch id.
+pub fn new_batch_id() -> String {
+    format!("stl_{}", crate::payment::random_token(24))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merchants::sign_line;
+
+    fn signed(id: &str, m: &str, amount: &str, cur: &str) -> String {
+        let merchants = Merchants::demo();
+        let secret = merchants
+            .get(m)
+            .map(|x| x.secret.clone())
+            .unwrap_or_default();
+        format!(
+            "{id},{m},{amount},{cur},{}",
+            sign_line(secret.as_bytes(), id, m, amount, cur)
+        )
+    }
+
+    #[test]
+    fn header_rules() {
+        assert!(split_header(b"").is_err());
+        assert!(split_header(b"id,merchant_id\n").is_err());
+        assert_eq!(
+            split_header(HEADER.as_bytes()).map(|d| d.len()).ok(),
+            Some(0)
+        );
+        assert_eq!(
+            split_header(format!("{HEADER}\r\nx").as_bytes()).ok(),
+            Some(&b"x"[..])
+        );
+    }
+
+    #[test]
+    fn line_counting() {
+        assert_eq!(count_lines(b""), 0);
+        assert_eq!(count_lines(b"a"), 1);
+        assert_eq!(count_lines(b"a\n"), 1);
+        assert_eq!(count_lines(b"a\n\nb"), 3);
+    }
+
+    #[test]
+    fn chunks_cover_all_lines_in_order() {
+        let data: String = (0..1000).map(|i| format!("line{i}\n")).collect();
+        let chunks = split_chunks(data.as_bytes(), 37);
+        assert_eq!(chunks.iter().map(|c| c.lines).sum::<usize>(), 1000);
+        let mut expect = 2;
+        for c in &chunks {
+            assert_eq!(c.first_line, expect);
+            expect += c.lines;
+        }
+    }
+
+    #[test]
+    fn reasons_and_precedence() {
+        let m = Merchants::demo();
+        let good = signed("s1", "acme", "100", "EUR");
+        assert!(matches!(
+            check_line(good.as_bytes(), &m),
+            LineCheck::Valid(_)
+        ));
+        let reason = |line: &str| match check_line(line.as_bytes(), &m) {
+            LineCheck::Rejected { reason, .. } => Some(reason),
+            LineCheck::Valid(_) => None,
+        };
+        assert_eq!(reason(""), Some(Reason::Malformed));
+        assert_eq!(reason("a,b,c"), Some(Reason::Malformed));
+        assert_eq!(
+            reason(&signed("s1", "acme", "0100", "EUR")),
+            Some(Reason::Malformed)
+        );
+        assert_eq!(
+            reason(&signed("s1", "acme", "-1", "EUR")),
+            Some(Reason::Malformed)
+        );
+        assert_eq!(
+            reason(&signed("s1", "acme", "9223372036854775808", "EUR")),
+            Some(Reason::Malformed)
+        );
+        assert_eq!(
+            reason(&signed("s1", "acme", "9223372036854775807", "EUR")),
+            None
+        );
+        // Malformed beats unknown merchant.
+        assert_eq!(
+            reason(&signed("s1", "nobody", "1", "eur")),
+            Some(Reason::Malformed)
+        );
+        assert_eq!(
+            reason(&signed("s1", "nobody", "1", "EUR")),
+            Some(Reason::UnknownMerchant)
+        );
+        let tampered = signed("s1", "acme", "100", "EUR").replace(",100,", ",101,");
+        assert_eq!(reason(&tampered), Some(Reason::BadSignature));
+        assert_eq!(reason(&format!("{good}\r")), None);
+    }
+
+    #[test]
+    fn duplicate_only_after_an_accepted_line() {
+        let m = Merchants::demo();
+        let bad = signed("d", "acme", "1", "EUR").replace(",1,", ",2,");
+        let good = signed("d", "acme", "1", "EUR");
+        let data = format!("{bad}\n{good}\n{good}\n");
+        let lines = check_all(data.as_bytes(), &m, |_| {});
+        let r = merge::<()>("b", &lines, |_| Ok(true)).expect("merge");
+        assert_eq!((r.accepted, r.rejected), (1, 2));
+        assert_eq!(r.errors[0].reason, Reason::BadSignature);
+        assert_eq!(r.errors[1].reason, Reason::Duplicate);
+        assert_eq!(r.errors[1].line, 4);
+        // Settled earlier: both lines are already_settled, none duplicate.
+        let r = merge::<()>("b", &lines, |_| Ok(false)).expect("merge");
+        assert_eq!(r.accepted, 0);
+        assert_eq!(r.errors[1].reason, Reason::AlreadySettled);
+        assert_eq!(r.errors[2].reason, Reason::AlreadySettled);
+    }
+}

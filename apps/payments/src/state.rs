@@ -1,0 +1,107 @@
+//! The state every handler shares within one worker process.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::events::{Events, LocalEvents};
+use crate::heavy::Heavy;
+use crate::merchants::Merchants;
+use crate::store::{Store, StoreError};
+
+/// Shared state of one worker. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    slot: usize,
+    store: Store,
+    heavy: Heavy,
+    events: Arc<dyn Events>,
+    /// Identifies this process as the holder of async batch leases.
+    owner: String,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("slot", &self.inner.slot)
+            .field("owner", &self.inner.owner)
+            .field("store", &self.inner.store)
+            .finish()
+    }
+}
+
+impl AppState {
+    /// State with the placeholder CPU pool sized from `config` and in-process
+    /// events. Opens (and if needed creates) the database.
+    pub fn new(config: Config, slot: usize) -> Result<Self, StoreError> {
+        let heavy = Heavy::new(config.pool_threads, config.pool_queue)
+            .with_retry_after(config.retry_after_secs);
+        Self::with_parts(config, slot, heavy, Arc::new(LocalEvents::default()))
+    }
+
+    /// State with a given CPU runner and event sink (what the clustered main
+    /// uses to plug in corral's pool and broadcast).
+    pub fn with_parts(
+        config: Config,
+        slot: usize,
+        heavy: Heavy,
+        events: Arc<dyn Events>,
+    ) -> Result<Self, StoreError> {
+        let store = Store::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
+        let owner = format!(
+            "pid{}-slot{}-{}",
+            std::process::id(),
+            slot,
+            crate::payment::random_token(8)
+        );
+        Ok(AppState {
+            inner: Arc::new(Inner {
+                config,
+                slot,
+                store,
+                heavy,
+                events,
+                owner,
+            }),
+        })
+    }
+
+    /// Configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Worker slot (0-based), reported by `/health`.
+    pub fn slot(&self) -> usize {
+        self.inner.slot
+    }
+
+    /// The database.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The CPU-heavy work runner.
+    pub fn heavy(&self) -> &Heavy {
+        &self.inner.heavy
+    }
+
+    /// The event sink.
+    pub fn events(&self) -> &Arc<dyn Events> {
+        &self.inner.events
+    }
+
+    /// Known merchants.
+    pub fn merchants(&self) -> &Merchants {
+        &self.inner.config.merchants
+    }
+
+    /// This process's lease-holder identity.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+}

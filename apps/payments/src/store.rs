@@ -1,0 +1,446 @@
+//! The SQLite store shared by every worker process.
+//!
+//! One database file in WAL mode; every process opens its own connections.
+//! Invariants that span requests (one payment per idempotency key, every
+//! settlement id settled once, one runner per async batch) are enforced inside
+//! `BEGIN IMMEDIATE` transactions, which SQLite serializes across processes;
+//! a busy timeout makes writers wait for each other instead of failing.
+//!
+//! All calls block: async code goes through [`Store::blocking`], which runs
+//! them on tokio's blocking threads so the event loop never stalls.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::payment::{NewPayment, Payment};
+use crate::settlement::{merge, BatchResult, CheckedLine};
+
+/// File name of the database inside the data directory.
+pub const DB_FILE: &str = "payments.sqlite3";
+
+/// Idle connections kept per process.
+const MAX_IDLE: usize = 8;
+
+/// A storage failure (always answered as 500).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Creating the data directory failed.
+    #[error("data directory: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored JSON document could not be (de)serialized.
+    #[error("stored json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The blocking task died.
+    #[error("blocking task: {0}")]
+    Task(String),
+}
+
+/// How hard SQLite flushes on commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Synchronous {
+    /// Survives any process crash (`kill -9` of every process). WAL default.
+    #[default]
+    Normal,
+    /// Also survives power loss, at the cost of an fsync per commit.
+    Full,
+}
+
+/// Outcome of an idempotent payment creation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// A new payment; the body is the 201 answer.
+    Created(Payment, Vec<u8>),
+    /// The key was used before with the same request: its first answer.
+    Replayed {
+        /// HTTP status of the first answer.
+        status: u16,
+        /// Its body, byte for byte.
+        body: Vec<u8>,
+    },
+    /// The key was used before with another request.
+    Conflict,
+}
+
+/// A batch as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRow {
+    /// `processing` or `done`.
+    pub status: String,
+    /// Data lines in the batch.
+    pub total: u64,
+    /// Lines checked so far.
+    pub processed: u64,
+    /// The result JSON once done.
+    pub result: Option<String>,
+}
+
+/// A handle on the database. Cheap to clone; keeps a few idle connections.
+#[derive(Clone)]
+pub struct Store {
+    path: PathBuf,
+    synchronous: Synchronous,
+    busy_timeout: Duration,
+    idle: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS payments (
+    id TEXT PRIMARY KEY,
+    merchant_id TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    response BLOB NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settled (
+    id TEXT PRIMARY KEY,
+    batch_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    total INTEGER NOT NULL,
+    processed INTEGER NOT NULL,
+    result TEXT,
+    body BLOB,
+    lease_owner TEXT,
+    lease_until INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_pending ON batches(status, lease_until);
+";
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Open (creating if needed) the database in `data_dir`.
+    pub fn open(
+        data_dir: &Path,
+        synchronous: Synchronous,
+        busy_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)?;
+        let store = Store {
+            path: data_dir.join(DB_FILE),
+            synchronous,
+            busy_timeout,
+            idle: Arc::new(Mutex::new(Vec::new())),
+        };
+        let mut conn = store.connect()?;
+        // Several processes may start at once: the schema is created inside a
+        // write transaction so they take turns.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA)?;
+        tx.commit()?;
+        store.put_back(conn);
+        Ok(store)
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn connect(&self) -> Result<Connection, StoreError> {
+        let conn = Connection::open(&self.path)?;
+        conn.busy_timeout(self.busy_timeout)?;
+        // WAL lets readers run alongside the single writer, across processes.
+        let _mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        let sync = match self.synchronous {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous={sync};"))?;
+        Ok(conn)
+    }
+
+    fn put_back(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < MAX_IDLE {
+                idle.push(conn);
+            }
+        }
+    }
+
+    /// Run `f` with a connection, on the current (blocking) thread.
+    pub fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => self.connect()?,
+        };
+        let out = f(&mut conn);
+        // A connection left inside a transaction (after a panic-free error the
+        // Transaction guard already rolled back) is safe to reuse.
+        if conn.is_autocommit() {
+            self.put_back(conn);
+        }
+        out
+    }
+
+    /// Run blocking store work off the event loop.
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Create a payment for `key`, or replay / refuse when the key is known.
+    /// The lookup and the insert are one write transaction, so racing requests
+    /// with one key (in any process) produce exactly one payment.
+    pub fn create_payment(&self, key: &str, req: &NewPayment) -> Result<CreateOutcome, StoreError> {
+        let fingerprint = req.fingerprint();
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let known: Option<(String, u16, Vec<u8>)> = tx
+                .query_row(
+                    "SELECT fingerprint, status, response FROM idempotency_keys WHERE key = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            if let Some((stored, status, body)) = known {
+                return Ok(if stored == fingerprint {
+                    CreateOutcome::Replayed { status, body }
+                } else {
+                    CreateOutcome::Conflict
+                });
+            }
+            let payment = Payment::capture(req);
+            let body = payment.to_json_bytes();
+            tx.execute(
+                "INSERT INTO payments (id, merchant_id, amount, currency, reference, status, created_at, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    payment.id,
+                    payment.merchant_id,
+                    payment.amount,
+                    payment.currency,
+                    payment.reference,
+                    payment.status,
+                    payment.created_at,
+                    body
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO idempotency_keys (key, fingerprint, status, response, created_at)
+                 VALUES (?1, ?2, 201, ?3, ?4)",
+                params![key, fingerprint, body, payment.created_at],
+            )?;
+            tx.commit()?;
+            Ok(CreateOutcome::Created(payment, body))
+        })
+    }
+
+    /// The stored JSON of a payment.
+    pub fn payment_json(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row("SELECT body FROM payments WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()?)
+        })
+    }
+
+    /// Number of payments stored (for tests and diagnostics).
+    pub fn payment_count(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row("SELECT count(*) FROM payments", [], |r| r.get::<_, i64>(0))? as u64)
+        })
+    }
+
+    /// Settle a checked batch atomically.
+    ///
+    /// With `owner = None` (synchronous batch) the batch row is created done.
+    /// With `owner = Some(o)` (stored job) the row must still be `processing`
+    /// and leased to `o`; otherwise another process took the job over (or
+    /// finished it) and `Ok(None)` is returned with nothing written.
+    pub fn settle(
+        &self,
+        batch_id: &str,
+        lines: &[CheckedLine<'_>],
+        owner: Option<&str>,
+    ) -> Result<Option<BatchResult>, StoreError> {
+        self.with_conn(|conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Some(owner) = owner {
+                let ours: Option<i64> = tx
+                    .query_row(
+                        "SELECT 1 FROM batches WHERE id = ?1 AND status = 'processing' AND lease_owner = ?2",
+                        params![batch_id, owner],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if ours.is_none() {
+                    return Ok(None);
+                }
+            }
+            let result = {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO settled (id, batch_id) VALUES (?1, ?2) ON CONFLICT(id) DO NOTHING",
+                )?;
+                merge(batch_id, lines, |rec| {
+                    Ok::<_, StoreError>(insert.execute(params![rec.id, batch_id])? == 1)
+                })?
+            };
+            let json = serde_json::to_string(&result)?;
+            if owner.is_some() {
+                tx.execute(
+                    "UPDATE batches SET status = 'done', processed = total, result = ?2,
+                         body = NULL, lease_owner = NULL WHERE id = ?1",
+                    params![batch_id, json],
+                )?;
+            } else {
+                tx.execute(
+                    "INSERT INTO batches (id, status, total, processed, result, created_at)
+                     VALUES (?1, 'done', ?2, ?2, ?3, ?4)",
+                    params![batch_id, result.total as i64, json, crate::payment::now_rfc3339()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Some(result))
+        })
+    }
+
+    /// Store an async batch durably, leased to `owner` until `lease_until_ms`.
+    pub fn enqueue_batch(
+        &self,
+        batch_id: &str,
+        body: &[u8],
+        total: u64,
+        owner: &str,
+        lease_until_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "INSERT INTO batches (id, status, total, processed, body, lease_owner, lease_until, created_at)
+                 VALUES (?1, 'processing', ?2, 0, ?3, ?4, ?5, ?6)",
+                params![
+                    batch_id,
+                    total as i64,
+                    body,
+                    owner,
+                    lease_until_ms,
+                    crate::payment::now_rfc3339()
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Take over every unfinished batch whose lease has run out; returns
+    /// their ids. One statement, so two processes never claim the same job.
+    pub fn claim_expired(
+        &self,
+        owner: &str,
+        lease_until_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = now_ms();
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "UPDATE batches SET lease_owner = ?1, lease_until = ?2
+                 WHERE status = 'processing' AND lease_until < ?3 RETURNING id",
+            )?;
+            let ids = stmt
+                .query_map(params![owner, lease_until_ms, now], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(ids)
+        })
+    }
+
+    /// Extend our lease and record progress. Returns false when the lease
+    /// is no longer ours.
+    pub fn renew_lease(
+        &self,
+        batch_id: &str,
+        owner: &str,
+        lease_until_ms: i64,
+        processed: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        self.with_conn(|conn| {
+            let n = conn.execute(
+                "UPDATE batches SET lease_until = ?3, processed = coalesce(?4, processed)
+                 WHERE id = ?1 AND lease_owner = ?2 AND status = 'processing'",
+                params![batch_id, owner, lease_until_ms, processed.map(|p| p as i64)],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// The stored body of an unfinished batch.
+    pub fn batch_body(&self, batch_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT body FROM batches WHERE id = ?1 AND status = 'processing'",
+                    [batch_id],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .flatten())
+        })
+    }
+
+    /// A batch's status row.
+    pub fn batch(&self, batch_id: &str) -> Result<Option<BatchRow>, StoreError> {
+        self.with_conn(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT status, total, processed, result FROM batches WHERE id = ?1",
+                    [batch_id],
+                    |r| {
+                        Ok(BatchRow {
+                            status: r.get(0)?,
+                            total: r.get::<_, i64>(1)? as u64,
+                            processed: r.get::<_, i64>(2)? as u64,
+                            result: r.get(3)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+    }
+
+    /// How many ids are settled in all (for tests and diagnostics).
+    pub fn settled_count(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            Ok(conn.query_row("SELECT count(*) FROM settled", [], |r| r.get::<_, i64>(0))? as u64)
+        })
+    }
+}

@@ -1,0 +1,129 @@
+//! Shared helpers: serve the router on 127.0.0.1:0 and talk to it over TCP.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use payments::{AppState, Config, Heavy, LocalEvents};
+
+/// A served router.
+pub struct Server {
+    pub base: String,
+    pub state: AppState,
+    pub client: reqwest::Client,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+/// A fresh data directory.
+pub fn data_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Config with small test-friendly defaults over `dir`.
+pub fn config(dir: &std::path::Path) -> Config {
+    Config::new(dir)
+}
+
+/// Serve a state built from `config` with the default runner.
+pub async fn serve(config: Config, slot: usize) -> Server {
+    let state = AppState::new(config, slot).expect("state");
+    serve_state(state).await
+}
+
+/// Serve with a given heavy runner.
+pub async fn serve_with_heavy(config: Config, heavy: Heavy) -> Server {
+    let state =
+        AppState::with_parts(config, 0, heavy, Arc::new(LocalEvents::default())).expect("state");
+    serve_state(state).await
+}
+
+/// Serve an existing state.
+pub async fn serve_state(state: AppState) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = payments::router(state.clone());
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Server {
+        base: format!("http://{addr}"),
+        state,
+        client: reqwest::Client::new(),
+        task,
+    }
+}
+
+/// A closure occupying one thread of a heavy runner.
+pub struct Blocker {
+    release: std::sync::mpsc::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blocker {
+    /// Let the blocker end and wait until its pool place is free again.
+    pub async fn release(self) {
+        let _ = self.release.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Occupy one thread of a heavy runner until released. Returns once the
+/// blocker is running. Dropping the blocker also lets the closure end.
+pub async fn block_one(heavy: &Heavy) -> Blocker {
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let h = heavy.clone();
+    let task = tokio::spawn(async move {
+        let _ = h
+            .run(move || {
+                let _ = started_tx.send(());
+                let _ = release_rx.recv();
+            })
+            .await;
+    });
+    started_rx.await.expect("blocker started");
+    Blocker {
+        release: release_tx,
+        task,
+    }
+}
+
+/// HMAC-SHA256 hex of the signed text, computed here independently of the
+/// crate's own signing helper.
+pub fn sign(secret: &str, id: &str, merchant: &str, amount: &str, currency: &str) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(format!("{id}|{merchant}|{amount}|{currency}").as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Demo merchant secrets (as in merchants.demo.toml).
+pub fn secret(merchant: &str) -> &'static str {
+    match merchant {
+        "acme" => "acme-demo-secret-5f2b9c",
+        "globex" => "globex-demo-secret-81d0e4",
+        "initech" => "initech-demo-secret-c73a16",
+        _ => "not-a-merchant",
+    }
+}
+
+/// A correctly signed settlement line.
+pub fn line(id: &str, merchant: &str, amount: &str, currency: &str) -> String {
+    let sig = sign(secret(merchant), id, merchant, amount, currency);
+    format!("{id},{merchant},{amount},{currency},{sig}")
+}
+
+pub const HEADER: &str = "id,merchant_id,amount,currency,signature";
