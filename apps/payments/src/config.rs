@@ -56,13 +56,10 @@ impl Config {
     }
 }
 
-/// Flags of the service (`payments serve`); the clustered main can flatten
-/// these into its own parser.
+/// The service's own flags (the cluster's `--listen`, `--workers`... come
+/// from [`corral::ClusterArgs`]).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    pub listen: String,
     /// Directory of the SQLite database.
     #[arg(long, default_value = "./data")]
     pub data_dir: PathBuf,

@@ -1,5 +1,10 @@
-//! Single-process runner for development (`payments serve`) and the batch
-//! generator (`payments gen-batch`). The clustered main lives elsewhere.
+//! The payments service, clustered on every core by corral, and a generator
+//! of signed demo settlement batches.
+//!
+//! ```text
+//! payments [--listen ADDR] [--workers N|max] [--data-dir DIR] [--merchants FILE]
+//! payments gen-batch --lines 1000 > batch.csv
+//! ```
 
 use clap::{Parser, Subcommand};
 
@@ -7,50 +12,52 @@ use payments::gen::{generate_batch, GenArgs};
 use payments::{AppState, Merchants, ServeArgs};
 
 #[derive(Parser)]
-#[command(name = "payments", about = "corral's demo merchant API")]
+#[command(
+    name = "payments",
+    about = "corral's demo merchant API: payments, settlement batches, document thumbnails",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+
+    #[command(flatten)]
+    cluster: corral::ClusterArgs,
+
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the API from this one process.
-    Serve(ServeArgs),
     /// Print a signed demo settlement CSV to stdout.
     GenBatch(GenArgs),
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
-        Command::GenBatch(args) => {
-            let merchants = match &args.merchants {
-                Some(path) => Merchants::load(path)?,
-                None => Merchants::demo(),
-            };
-            print!("{}", generate_batch(&merchants, &args));
-            Ok(())
-        }
-        Command::Serve(args) => {
-            let config = args.to_config()?;
-            // One event loop, as each corral worker has.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async move {
-                let state = AppState::new(config, 0)?;
-                let _sweeper = payments::jobs::start_sweeper(&state);
-                let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-                println!("listening on http://{}", listener.local_addr()?);
-                axum::serve(listener, payments::router(state)).await?;
-                Ok(())
-            })
-        }
+    let cli = Cli::parse();
+    if let Some(Command::GenBatch(args)) = cli.command {
+        let merchants = match &args.merchants {
+            Some(path) => Merchants::load(path)?,
+            None => Merchants::demo(),
+        };
+        print!("{}", generate_batch(&merchants, &args));
+        return Ok(());
     }
+    // Read the merchants file and open the database once in the primary, so a
+    // bad file or an unwritable directory is reported before any worker starts.
+    let config = cli.serve.to_config()?;
+    if !corral::Cluster::is_worker() {
+        AppState::new(config.clone(), 0)?;
+    }
+    cli.cluster.builder().run(move |worker| async move {
+        let state = AppState::new(config, worker.slot()).map_err(corral::BoxError::from)?;
+        let _sweeper = payments::jobs::start_sweeper(&state);
+        let app = payments::router(state).layer(worker.track_requests());
+        axum::serve(worker.listener(), app)
+            .with_graceful_shutdown(worker.shutdown())
+            .await
+            .map_err(corral::BoxError::from)
+    })?;
+    Ok(())
 }

@@ -16,7 +16,10 @@ async fn main() -> std::io::Result<()> {
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:0".to_owned());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    println!("plain-hyper: listening on http://{}", listener.local_addr()?);
+    println!(
+        "plain-hyper: listening on http://{}",
+        listener.local_addr()?
+    );
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
@@ -29,7 +32,9 @@ async fn main() -> std::io::Result<()> {
     }
 }
 
-async fn answer(request: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let body = if request.uri().path() == "/work" {
         let us = corral_bench::work_micros(request.uri().query());
         format!("worked {us} us ({:x})\n", corral_bench::burn_cpu(us))

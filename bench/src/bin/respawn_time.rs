@@ -15,10 +15,19 @@ use nix::unistd::Pid;
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let hello = args.next().expect("usage: respawn_time PATH_TO_HELLO [ROUNDS]");
+    let hello = args
+        .next()
+        .expect("usage: respawn_time PATH_TO_HELLO [ROUNDS]");
     let rounds: usize = args.next().and_then(|n| n.parse().ok()).unwrap_or(50);
     let mut primary = Command::new(hello)
-        .args(["--listen", "127.0.0.1:0", "--workers", "1", "--min-uptime", "1ms"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--min-uptime",
+            "1ms",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -64,7 +73,10 @@ fn main() {
 fn pid_of(addr: SocketAddr) -> i32 {
     loop {
         if let Ok(mut stream) = TcpStream::connect(addr) {
-            let _ = write!(stream, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let _ = write!(
+                stream,
+                "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            );
             let mut response = String::new();
             if stream.read_to_string(&mut response).is_ok() {
                 if let Some(pid) = response
