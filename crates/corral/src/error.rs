@@ -70,6 +70,9 @@ pub enum Error {
     /// The process was started as a worker but its inherited state is unusable.
     #[error("this process was started as a corral worker but {0}; workers are started by the primary, do not set CORRAL_WORKER_* yourself")]
     WorkerEnvironment(String),
+    /// A message could not be encoded, decoded or sent.
+    #[error("{0}")]
+    Message(String),
     /// The worker's serve future returned an error.
     #[error("worker failed: {0}")]
     Worker(#[source] BoxError),

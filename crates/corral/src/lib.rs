@@ -37,7 +37,7 @@ pub mod pool;
 #[cfg(feature = "clap")]
 pub use cluster::ClusterArgs;
 pub use cluster::{
-    Balance, Cluster, ClusterBuilder, TrackRequests, TrackRequestsLayer, TrackedResponse, Worker,
-    Workers,
+    Balance, Cluster, ClusterBuilder, Message, Published, Subscription, TrackRequests,
+    TrackRequestsLayer, TrackedResponse, Worker, Workers, MAX_MESSAGE_BYTES,
 };
 pub use error::{BoxError, Error, Result};

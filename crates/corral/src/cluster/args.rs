@@ -42,6 +42,10 @@ pub struct ClusterArgs {
     #[arg(long, value_enum, default_value_t = Balance::ReusePort)]
     pub balance: Balance,
 
+    /// Read a PROXY protocol v1/v2 header on each connection (accept-and-pass modes).
+    #[arg(long)]
+    pub proxy_protocol: bool,
+
     /// Kill and replace a worker whose event loop sends no heartbeat for this long (e.g. 5s, 500ms).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
@@ -76,7 +80,8 @@ impl ClusterArgs {
     pub fn builder(&self) -> ClusterBuilder {
         let mut builder = crate::Cluster::builder()
             .workers(self.workers)
-            .balance(self.balance);
+            .balance(self.balance)
+            .proxy_protocol(self.proxy_protocol);
         for addr in &self.listen {
             builder = builder.listen(addr.clone());
         }

@@ -103,6 +103,48 @@ impl ClusterBuilder {
         self
     }
 
+    /// Reads a PROXY protocol (v1 or v2) header at the start of every
+    /// connection and uses the client address it names (for
+    /// [`Balance::Sticky`] and for the address the listener reports). Only for
+    /// the modes where the primary accepts ([`Balance::passes_connections`]);
+    /// a connection with a missing or malformed header is closed.
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder()
+    ///     .balance(corral::Balance::Sticky)
+    ///     .proxy_protocol(true);
+    /// # drop(b);
+    /// ```
+    pub fn proxy_protocol(mut self, enabled: bool) -> Self {
+        self.config.proxy_protocol = enabled;
+        self
+    }
+
+    /// Handles, in the primary, the messages workers send with
+    /// [`Worker::send`](crate::Worker::send): the slot that sent it and the
+    /// message. Called on the primary's event loop, so keep it short.
+    ///
+    /// ```
+    /// #[derive(serde::Deserialize)]
+    /// struct Report { jobs: u32 }
+    ///
+    /// let b = corral::Cluster::builder().on_message(|slot, message| {
+    ///     if let Ok(report) = message.decode::<Report>() {
+    ///         println!("slot {slot} ran {} jobs", report.jobs);
+    ///     }
+    /// });
+    /// # drop(b);
+    /// ```
+    pub fn on_message(
+        mut self,
+        handler: impl FnMut(usize, crate::Message) + Send + 'static,
+    ) -> Self {
+        self.config.on_message = Some(super::config::MessageHook(std::sync::Arc::new(
+            std::sync::Mutex::new(handler),
+        )));
+        self
+    }
+
     /// How long a new worker may take to start serving before it is killed
     /// (default 10 s; PM2's `listen_timeout`).
     ///

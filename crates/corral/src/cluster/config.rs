@@ -63,8 +63,35 @@ pub enum Balance {
     #[default]
     #[cfg_attr(feature = "clap", value(name = "reuseport"))]
     ReusePort,
-    /// One socket that every worker accepts from.
+    /// One socket that every worker accepts from (Node's `SCHED_NONE`).
     Shared,
+    /// The primary accepts and hands connections to the ready workers in turn
+    /// (Node's `SCHED_RR`).
+    #[cfg_attr(feature = "clap", value(name = "round-robin"))]
+    RoundRobin,
+    /// The primary accepts and hands each connection to the ready worker with
+    /// the fewest open connections.
+    #[cfg_attr(feature = "clap", value(name = "least-conn"))]
+    LeastConnections,
+    /// The primary accepts and hands each connection to the slot its client
+    /// address hashes to, so a client keeps its worker across connections and
+    /// across that worker's restarts (WebSocket and session affinity).
+    Sticky,
+}
+
+impl Balance {
+    /// True for the modes where the primary accepts and passes connections.
+    ///
+    /// ```
+    /// assert!(corral::Balance::Sticky.passes_connections());
+    /// assert!(!corral::Balance::ReusePort.passes_connections());
+    /// ```
+    pub fn passes_connections(self) -> bool {
+        matches!(
+            self,
+            Balance::RoundRobin | Balance::LeastConnections | Balance::Sticky
+        )
+    }
 }
 
 impl std::fmt::Display for Balance {
@@ -72,7 +99,23 @@ impl std::fmt::Display for Balance {
         f.write_str(match self {
             Balance::ReusePort => "reuseport",
             Balance::Shared => "shared",
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConnections => "least-conn",
+            Balance::Sticky => "sticky",
         })
+    }
+}
+
+/// The primary's handler for messages workers send with
+/// [`Worker::send`](crate::Worker::send).
+#[derive(Clone)]
+pub(crate) struct MessageHook(
+    pub std::sync::Arc<std::sync::Mutex<dyn FnMut(usize, crate::Message) + Send>>,
+);
+
+impl std::fmt::Debug for MessageHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MessageHook")
     }
 }
 
@@ -82,6 +125,8 @@ pub(crate) struct Config {
     pub listen: Vec<String>,
     pub workers: Workers,
     pub balance: Balance,
+    pub proxy_protocol: bool,
+    pub on_message: Option<MessageHook>,
     pub ready_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -103,6 +148,8 @@ impl Default for Config {
             listen: Vec::new(),
             workers: Workers::PerCore,
             balance: Balance::ReusePort,
+            proxy_protocol: false,
+            on_message: None,
             ready_timeout: Duration::from_secs(10),
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(5),

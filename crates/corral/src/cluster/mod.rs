@@ -2,8 +2,10 @@
 
 #[cfg(feature = "clap")]
 mod args;
+mod balancer;
 mod builder;
 mod config;
+mod messages;
 mod primary;
 mod request_tracking;
 mod slot;
@@ -14,5 +16,6 @@ mod worker;
 pub use args::ClusterArgs;
 pub use builder::{Cluster, ClusterBuilder};
 pub use config::{Balance, Workers};
+pub use messages::{Message, Published, Subscription, MAX_MESSAGE_BYTES};
 pub use request_tracking::{TrackRequests, TrackRequestsLayer, TrackedResponse};
 pub use worker::Worker;

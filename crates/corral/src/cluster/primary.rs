@@ -9,17 +9,25 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+use super::balancer::Balancer;
 use super::config::Config;
+use super::messages::Message;
 use super::slot::{Position, Slot, WorkerProcess};
 use super::spawn::spawn_worker;
 use crate::error::{Error, Result};
 use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
 use crate::net::bind::{bind_all, BoundAddress};
+use crate::net::fd_passing::{ConnectionSender, PassedConnection, PassedHeader};
+use crate::net::proxy_protocol;
+
+/// How long a client may take to send its PROXY protocol header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How often timers (ready, heartbeat and drain deadlines, restarts) are checked.
 const TICK: Duration = Duration::from_millis(50);
@@ -80,6 +88,9 @@ struct Supervisor {
     reload: Option<Reload>,
     stopping: bool,
     announced: bool,
+    /// Present in the accept-and-pass modes.
+    balancer: Option<Arc<Mutex<Balancer>>>,
+    acceptors: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// What the loop does after an event.
@@ -97,6 +108,10 @@ impl Supervisor {
         slots: usize,
     ) -> Self {
         let (events_tx, events) = mpsc::unbounded_channel();
+        let balancer = config
+            .balance
+            .passes_connections()
+            .then(|| Arc::new(Mutex::new(Balancer::new(config.balance, slots))));
         Supervisor {
             config,
             bound,
@@ -108,6 +123,38 @@ impl Supervisor {
             reload: None,
             stopping: false,
             announced: false,
+            balancer,
+            acceptors: Vec::new(),
+        }
+    }
+
+    /// In the accept-and-pass modes, one task per address accepts and hands
+    /// each connection to the balancer.
+    fn start_acceptors(&mut self) -> Result<()> {
+        let Some(balancer) = &self.balancer else {
+            return Ok(());
+        };
+        for (index, address) in self.bound.iter().enumerate() {
+            let socket: std::net::TcpListener = address.socket_for_slot(0).try_clone()?.into();
+            socket.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(socket)?;
+            self.acceptors.push(tokio::spawn(accept_and_pass(
+                index as u16,
+                listener,
+                balancer.clone(),
+                self.config.proxy_protocol,
+            )));
+        }
+        Ok(())
+    }
+
+    fn with_balancer(&self, action: impl FnOnce(&mut Balancer)) {
+        if let Some(balancer) = &self.balancer {
+            // Only this thread touches it; a poisoned lock still holds valid routes.
+            let mut balancer = balancer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            action(&mut balancer);
         }
     }
 
@@ -123,6 +170,7 @@ impl Supervisor {
             self.slots.len(),
             self.program.display()
         );
+        self.start_acceptors()?;
         for index in 0..self.slots.len() {
             if let Flow::Exit(result) = self.fill_slot(index) {
                 return result;
@@ -181,6 +229,8 @@ impl Supervisor {
             return Flow::Continue;
         };
         let how = describe_exit(&status);
+        self.with_balancer(|b| b.worker_gone(index, generation));
+        let slot = &mut self.slots[index];
         let flow = match position {
             Position::Retiring => {
                 tracing::debug!("slot {index}: drained worker pid {} {how}", worker.pid);
@@ -249,19 +299,29 @@ impl Supervisor {
                 worker.ready_since = Some(now);
                 worker.last_heartbeat = now;
                 tracing::info!("slot {index}: worker pid {} is ready", worker.pid);
-                if position == Position::Replacement {
-                    self.promote_replacement(index);
+                match position {
+                    Position::Replacement => self.promote_replacement(index),
+                    Position::Current => {
+                        let connections = worker.connections.clone();
+                        if let Some(connections) = connections {
+                            self.with_balancer(|b| b.worker_ready(index, generation, connections));
+                        }
+                    }
+                    Position::Retiring => {}
                 }
                 self.announce_when_serving();
             }
             ToPrimary::Heartbeat(stats) => {
                 worker.last_heartbeat = Instant::now();
                 let over_memory = max_memory.filter(|&limit| stats.rss_bytes > limit);
+                let open = stats.connections_open;
                 worker.stats = stats;
+                let rss = worker.stats.rss_bytes;
+                self.with_balancer(|b| b.report(index, generation, open));
                 if let (Position::Current, Some(limit)) = (position, over_memory) {
                     let reason = format!(
                         "resident memory {} MiB is over the limit of {} MiB",
-                        worker.stats.rss_bytes >> 20,
+                        rss >> 20,
                         limit >> 20
                     );
                     self.recycle(index, &reason);
@@ -270,6 +330,24 @@ impl Supervisor {
             ToPrimary::Recycle { reason } => {
                 if position == Position::Current {
                     self.recycle(index, &reason);
+                }
+            }
+            ToPrimary::User(payload) => match &self.config.on_message {
+                Some(hook) => {
+                    let mut handler = hook
+                        .0
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    handler(index, Message::new(payload));
+                }
+                None => tracing::debug!("slot {index}: message dropped: no on_message handler"),
+            },
+            ToPrimary::Broadcast(payload) => {
+                for worker in self.slots.iter().flat_map(Slot::workers) {
+                    worker.send(ToWorker::Broadcast {
+                        from_slot: index as u32,
+                        payload: payload.clone(),
+                    });
                 }
             }
         }
@@ -290,6 +368,7 @@ impl Supervisor {
                     worker.pid
                 );
                 worker.kill();
+                self.with_balancer(|b| b.worker_gone(index, generation));
             }
             error => tracing::debug!("slot {index}: channel error while draining: {error}"),
         }
@@ -308,6 +387,10 @@ impl Supervisor {
         }
         self.stopping = true;
         self.reload = None;
+        for acceptor in self.acceptors.drain(..) {
+            acceptor.abort();
+        }
+        self.with_balancer(Balancer::clear);
         let deadline = Instant::now() + self.config.shutdown_timeout;
         let mut draining = 0;
         for slot in &mut self.slots {
@@ -365,6 +448,7 @@ impl Supervisor {
         let heartbeat_timeout = self.config.heartbeat_timeout;
         let stopping = self.stopping;
         let mut due = Vec::new();
+        let mut unresponsive = Vec::new();
         for slot in &mut self.slots {
             let index = slot.index;
             for worker in slot.workers_mut().filter(|worker| !worker.killed) {
@@ -394,12 +478,28 @@ impl Supervisor {
                         humantime::format_duration(heartbeat_timeout)
                     );
                     worker.kill();
+                    unresponsive.push((index, worker.generation));
                 }
             }
             if slot.restart_at.is_some_and(|at| now >= at) {
                 slot.restart_at = None;
                 due.push(index);
             }
+        }
+        let closed = self.balancer.as_ref().map_or(0, |balancer| {
+            let mut balancer = balancer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (index, generation) in unresponsive {
+                balancer.worker_gone(index, generation);
+            }
+            balancer.expire(now, ready_timeout)
+        });
+        if closed > 0 {
+            tracing::warn!(
+                "closed {closed} connections that waited {} for a worker",
+                humantime::format_duration(ready_timeout)
+            );
         }
         for index in due {
             if let Flow::Exit(result) = self.fill_slot(index) {
@@ -490,6 +590,11 @@ impl Supervisor {
         if self.stopping {
             if let Some(current) = slot.current.as_mut() {
                 current.drain(deadline);
+            }
+        } else if let Some(current) = &slot.current {
+            if let Some(connections) = current.connections.clone() {
+                let generation = current.generation;
+                self.with_balancer(|b| b.worker_ready(index, generation, connections));
             }
         }
         if self
@@ -587,11 +692,15 @@ impl Supervisor {
         let slot = &mut self.slots[index];
         let generation = slot.next_generation;
         slot.next_generation += 1;
-        let listeners: Vec<_> = self
-            .bound
-            .iter()
-            .map(|address| address.socket_for_slot(index).as_raw_fd())
-            .collect();
+        // In the accept-and-pass modes only the primary accepts.
+        let listeners: Vec<_> = if self.balancer.is_some() {
+            Vec::new()
+        } else {
+            self.bound
+                .iter()
+                .map(|address| address.socket_for_slot(index).as_raw_fd())
+                .collect()
+        };
         let spawned = spawn_worker(&self.program, &self.args, index, generation, &listeners)
             .map_err(|source| Error::Spawn {
                 exe: self.program.display().to_string(),
@@ -619,7 +728,116 @@ impl Supervisor {
             outbox,
             self.events_tx.clone(),
         ));
-        Ok(WorkerProcess::new(generation, spawned.pid, outbox_tx))
+        let connections = match &self.balancer {
+            Some(balancer) => {
+                let sender = ConnectionSender::new(spawned.connections)?;
+                let (connections_tx, connections) = mpsc::unbounded_channel();
+                tokio::spawn(dispatch(
+                    index,
+                    generation,
+                    sender,
+                    connections,
+                    balancer.clone(),
+                ));
+                Some(connections_tx)
+            }
+            // The worker sees its end close and accepts from its own sockets.
+            None => None,
+        };
+        Ok(WorkerProcess::new(
+            generation,
+            spawned.pid,
+            outbox_tx,
+            connections,
+        ))
+    }
+}
+
+/// Accepts on one address and hands every connection to the balancer,
+/// reading its PROXY protocol header first when asked to.
+async fn accept_and_pass(
+    index: u16,
+    listener: tokio::net::TcpListener,
+    balancer: Arc<Mutex<Balancer>>,
+    proxy_protocol: bool,
+) {
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            Err(err) => {
+                tracing::error!("accept failed: {err}; retrying in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !proxy_protocol {
+            route(&balancer, index, stream, peer);
+            continue;
+        }
+        let balancer = balancer.clone();
+        tokio::spawn(async move {
+            match proxy_protocol::read_header(&mut stream, PROXY_HEADER_TIMEOUT).await {
+                Ok(client) => route(&balancer, index, stream, client.unwrap_or(peer)),
+                Err(err) => tracing::debug!("closing connection from {peer}: {err}"),
+            }
+        });
+    }
+}
+
+fn route(
+    balancer: &Mutex<Balancer>,
+    listener: u16,
+    stream: tokio::net::TcpStream,
+    client: std::net::SocketAddr,
+) {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::debug!("dropping connection from {client}: {err}");
+            return;
+        }
+    };
+    let connection = PassedConnection {
+        stream,
+        header: PassedHeader { listener, client },
+    };
+    balancer
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .route(connection);
+}
+
+/// Sends one worker its connections; if the worker is gone, gives them back
+/// to the balancer so they reach another worker (or wait for the slot's
+/// replacement) instead of being lost.
+async fn dispatch(
+    slot: usize,
+    generation: u64,
+    sender: ConnectionSender,
+    mut connections: mpsc::UnboundedReceiver<PassedConnection>,
+    balancer: Arc<Mutex<Balancer>>,
+) {
+    while let Some(connection) = connections.recv().await {
+        if let Err((err, connection)) = sender.send(connection).await {
+            tracing::debug!("slot {slot}: cannot pass a connection ({err}); rerouting");
+            connections.close();
+            let mut balancer = balancer
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            balancer.requeue(slot, generation, connection);
+            while let Ok(connection) = connections.try_recv() {
+                balancer.requeue(slot, generation, connection);
+            }
+            return;
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 
 use crate::ipc::ToWorker;
 use crate::metrics::WorkerStats;
+use crate::net::fd_passing::PassedConnection;
 
 /// What the primary knows about one worker process.
 #[derive(Debug)]
@@ -22,10 +23,17 @@ pub(crate) struct WorkerProcess {
     pub killed: bool,
     pub stats: WorkerStats,
     outbox: mpsc::UnboundedSender<ToWorker>,
+    /// Where the balancer sends this worker's connections (accept-and-pass modes).
+    pub connections: Option<mpsc::UnboundedSender<PassedConnection>>,
 }
 
 impl WorkerProcess {
-    pub fn new(generation: u64, pid: u32, outbox: mpsc::UnboundedSender<ToWorker>) -> Self {
+    pub fn new(
+        generation: u64,
+        pid: u32,
+        outbox: mpsc::UnboundedSender<ToWorker>,
+        connections: Option<mpsc::UnboundedSender<PassedConnection>>,
+    ) -> Self {
         let now = Instant::now();
         WorkerProcess {
             generation,
@@ -37,6 +45,7 @@ impl WorkerProcess {
             killed: false,
             stats: WorkerStats::default(),
             outbox,
+            connections,
         }
     }
 
@@ -52,10 +61,18 @@ impl WorkerProcess {
     pub fn drain(&mut self, deadline: Instant) {
         if self.drain_deadline.is_none() {
             self.drain_deadline = Some(deadline);
+            // Closing our side of the connection queue lets the worker know
+            // when the last connection passed to it has arrived.
+            self.connections = None;
             // A worker whose channel is gone is either exiting or will be
             // killed at the deadline; nothing more to do here.
             let _ = self.outbox.send(ToWorker::Drain);
         }
+    }
+
+    /// Sends a message; a worker whose channel is gone is exiting anyway.
+    pub fn send(&self, message: ToWorker) {
+        let _ = self.outbox.send(message);
     }
 
     /// Kills the process outright; its exit arrives as an event.

@@ -1,5 +1,6 @@
-//! Starting a worker: re-execute this program with the IPC socket and the
-//! slot's listening sockets at fixed descriptor numbers.
+//! Starting a worker: re-execute this program with the IPC socket, the
+//! connection-passing socket and the slot's listening sockets at fixed
+//! descriptor numbers.
 //!
 //! Workers are never forked from the (multi-threaded) primary and then left
 //! running its code: the child only rearranges descriptors and calls `exec`.
@@ -13,13 +14,18 @@ use std::process::Stdio;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use super::worker::{ENV_GENERATION, ENV_LISTENERS, ENV_SLOT, FIRST_LISTENER_FD, IPC_FD};
+use super::worker::{
+    CONNECTIONS_FD, ENV_GENERATION, ENV_LISTENERS, ENV_SLOT, FIRST_LISTENER_FD, IPC_FD,
+};
+use crate::net::fd_passing;
 
 /// A started worker process and the primary's end of its IPC socket.
 pub(crate) struct Spawned {
     pub child: Child,
     pub pid: u32,
     pub ipc: UnixStream,
+    /// The primary's end of the connection-passing socket.
+    pub connections: std::os::fd::OwnedFd,
 }
 
 /// Descriptors at or above this are free for temporary copies in the child.
@@ -34,9 +40,11 @@ pub(crate) fn spawn_worker(
 ) -> io::Result<Spawned> {
     let (primary_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
     primary_end.set_nonblocking(true)?;
+    let (connections_primary_end, connections_worker_end) = fd_passing::pair()?;
 
     let mut sources: Vec<RawFd> = Vec::with_capacity(listeners.len() + 1);
     sources.push(worker_end.as_raw_fd());
+    sources.push(connections_worker_end.as_raw_fd());
     sources.extend_from_slice(listeners);
     // Allocated here because the child may not allocate between fork and exec.
     let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
@@ -79,10 +87,10 @@ pub(crate) fn spawn_worker(
                 scratch[index] = copy;
             }
             for (index, &copy) in scratch.iter().enumerate() {
-                let target = if index == 0 {
-                    IPC_FD
-                } else {
-                    FIRST_LISTENER_FD + index as RawFd - 1
+                let target = match index {
+                    0 => IPC_FD,
+                    1 => CONNECTIONS_FD,
+                    _ => FIRST_LISTENER_FD + index as RawFd - 2,
                 };
                 // dup2 clears close-on-exec on the target: exactly these survive exec.
                 if libc::dup2(copy, target) == -1 {
@@ -94,6 +102,7 @@ pub(crate) fn spawn_worker(
     }
     let child = command.spawn()?;
     drop(worker_end);
+    drop(connections_worker_end);
     let pid = child
         .id()
         .ok_or_else(|| io::Error::other("the worker exited before it could be tracked"))?;
@@ -101,5 +110,6 @@ pub(crate) fn spawn_worker(
         child,
         pid,
         ipc: UnixStream::from_std(primary_end)?,
+        connections: connections_primary_end,
     })
 }

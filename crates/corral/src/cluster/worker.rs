@@ -3,19 +3,23 @@
 
 use std::future::Future;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::config::Config;
+use super::messages::{self, RawPublished, Subscription};
 use super::request_tracking::TrackRequestsLayer;
 use crate::error::{BoxError, Error, Result};
 use crate::ipc::{self, ToPrimary, ToWorker};
 use crate::metrics::{WorkerCounters, WorkerStats};
-use crate::net::Listener;
+use crate::net::fd_passing::{ConnectionReceiver, PassedConnection};
+use crate::net::{Listener, PassedQueue};
 
 /// Environment variables the primary sets for each worker.
 pub(crate) const ENV_SLOT: &str = "CORRAL_WORKER_SLOT";
@@ -23,14 +27,17 @@ pub(crate) const ENV_GENERATION: &str = "CORRAL_WORKER_GENERATION";
 pub(crate) const ENV_LISTENERS: &str = "CORRAL_WORKER_LISTENERS";
 /// The worker's end of its IPC socket.
 pub(crate) const IPC_FD: RawFd = 3;
+/// The worker's end of the socket connections are passed on (accept-and-pass modes).
+pub(crate) const CONNECTIONS_FD: RawFd = 4;
 /// The first inherited listening socket; the others follow in `--listen` order.
-pub(crate) const FIRST_LISTENER_FD: RawFd = 4;
+pub(crate) const FIRST_LISTENER_FD: RawFd = 5;
 
 /// What a worker inherits from the primary.
 pub(crate) struct WorkerEnv {
     slot: usize,
     generation: u64,
     ipc: OwnedFd,
+    connections: OwnedFd,
     listeners: Vec<OwnedFd>,
 }
 
@@ -48,6 +55,7 @@ impl WorkerEnv {
         let generation = env_number(ENV_GENERATION)?;
         let count = env_number(ENV_LISTENERS)? as RawFd;
         let ipc = take_fd(IPC_FD)?;
+        let connections = take_fd(CONNECTIONS_FD)?;
         let listeners = (0..count)
             .map(|index| take_fd(FIRST_LISTENER_FD + index))
             .collect::<Result<Vec<_>>>()?;
@@ -60,6 +68,7 @@ impl WorkerEnv {
             slot: slot as usize,
             generation,
             ipc,
+            connections,
             listeners,
         }))
     }
@@ -91,6 +100,13 @@ struct Shared {
     slot: usize,
     generation: u64,
     sockets: Vec<std::net::TcpListener>,
+    passed: PassedQueue,
+    /// Connections received from the primary and not yet accepted.
+    passed_pending: Arc<AtomicUsize>,
+    /// Set once the primary closed the connection channel and every
+    /// connection it sent is in the queue.
+    passed_done: AtomicBool,
+    broadcasts: broadcast::Sender<Arc<RawPublished>>,
     counters: Arc<WorkerCounters>,
     to_primary: mpsc::UnboundedSender<ToPrimary>,
     ready_sent: AtomicBool,
@@ -175,6 +191,8 @@ impl Worker {
         }
         Listener::new(
             sockets,
+            self.shared.passed.clone(),
+            self.shared.passed_pending.clone(),
             self.shared.draining.clone(),
             self.shared.counters.clone(),
         )
@@ -201,6 +219,54 @@ impl Worker {
         TrackRequestsLayer::new(self.shared.counters.clone(), self.shared.draining.clone())
     }
 
+    /// Sends a message to the primary's
+    /// [`on_message`](crate::ClusterBuilder::on_message) handler. Messages
+    /// from one worker arrive in the order they were sent.
+    ///
+    /// ```no_run
+    /// # async fn demo(worker: corral::Worker) -> corral::Result<()> {
+    /// worker.send(&serde_json::json!({ "event": "cache-warm" }))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn send<T: Serialize>(&self, message: &T) -> Result<()> {
+        let payload = messages::encode(message)?;
+        self.shared
+            .to_primary
+            .send(ToPrimary::User(payload))
+            .map_err(|_| Error::Message("the channel to the primary is closed".to_owned()))
+    }
+
+    /// Publishes a message to every worker of the cluster (this one
+    /// included): the cluster-wide pub/sub a WebSocket app fans out with.
+    /// Each worker receives one publisher's messages in order.
+    ///
+    /// ```no_run
+    /// # async fn demo(worker: corral::Worker) -> corral::Result<()> {
+    /// worker.broadcast(&"price changed")?;
+    /// # Ok(()) }
+    /// ```
+    pub fn broadcast<T: Serialize>(&self, message: &T) -> Result<()> {
+        let payload = messages::encode(message)?;
+        self.shared
+            .to_primary
+            .send(ToPrimary::Broadcast(payload))
+            .map_err(|_| Error::Message("the channel to the primary is closed".to_owned()))
+    }
+
+    /// Receives every message broadcast from now on, by any worker.
+    ///
+    /// ```no_run
+    /// # async fn demo(worker: corral::Worker) {
+    /// let mut messages = worker.subscribe::<String>();
+    /// while let Some(published) = messages.recv().await {
+    ///     println!("slot {} says {}", published.from_slot, published.message);
+    /// }
+    /// # }
+    /// ```
+    pub fn subscribe<T: DeserializeOwned>(&self) -> Subscription<T> {
+        Subscription::new(self.shared.broadcasts.subscribe())
+    }
+
     /// This worker's figures now.
     pub fn stats(&self) -> WorkerStats {
         self.shared.counters.snapshot()
@@ -225,6 +291,8 @@ where
         ipc.set_nonblocking(true)?;
         let (sender, receiver) = ipc::channel(tokio::net::UnixStream::from_std(ipc)?);
         let (to_primary, outbox) = mpsc::unbounded_channel();
+        let (passed_tx, passed_rx) = mpsc::unbounded_channel();
+        let connections = ConnectionReceiver::new(env.connections)?;
         let shared = Arc::new(Shared {
             slot: env.slot,
             generation: env.generation,
@@ -233,6 +301,10 @@ where
                 .into_iter()
                 .map(std::net::TcpListener::from)
                 .collect(),
+            passed: Arc::new(tokio::sync::Mutex::new(passed_rx)),
+            passed_pending: Arc::default(),
+            passed_done: AtomicBool::new(false),
+            broadcasts: broadcast::channel(1024).0,
             counters: Arc::default(),
             to_primary,
             ready_sent: AtomicBool::new(false),
@@ -240,6 +312,7 @@ where
             shutdown: CancellationToken::new(),
         });
         tokio::spawn(send_to_primary(sender, outbox));
+        tokio::spawn(receive_connections(connections, passed_tx, shared.clone()));
         tokio::spawn(listen_to_primary(receiver, shared.clone()));
         tokio::spawn(drain_on_signals(shared.clone()));
         tokio::spawn(heartbeat(shared.clone(), config.clone()));
@@ -266,6 +339,13 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
     loop {
         match receiver.recv::<ToWorker>().await {
             Ok(ToWorker::Drain) => shared.begin_drain("asked by the primary"),
+            Ok(ToWorker::Broadcast { from_slot, payload }) => {
+                // No subscriber yet is fine: nobody was listening.
+                let _ = shared.broadcasts.send(Arc::new(RawPublished {
+                    from_slot: from_slot as usize,
+                    payload,
+                }));
+            }
             Err(err) => {
                 // Without its primary nobody supervises this worker: finish
                 // what is in flight and leave.
@@ -274,6 +354,30 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
             }
         }
     }
+}
+
+/// Moves connections the primary passes into the listener's queue.
+async fn receive_connections(
+    receiver: ConnectionReceiver,
+    queue: mpsc::UnboundedSender<PassedConnection>,
+    shared: Arc<Shared>,
+) {
+    loop {
+        match receiver.recv().await {
+            Ok(Some(connection)) => {
+                shared.passed_pending.fetch_add(1, Ordering::SeqCst);
+                if queue.send(connection).is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(err) => {
+                tracing::warn!("cannot receive connections from the primary: {err}");
+                break;
+            }
+        }
+    }
+    shared.passed_done.store(true, Ordering::SeqCst);
 }
 
 /// `SIGTERM` (also sent when the primary dies) and `SIGINT` (Ctrl-C reaches the
@@ -329,14 +433,19 @@ async fn heartbeat(shared: Arc<Shared>, config: Config) {
     }
 }
 
-/// Once draining starts, gives keep-alive clients `drain_grace` to be told
-/// `Connection: close` on their next request, then asks the server to stop.
+/// Once draining starts, waits until every connection the primary passed has
+/// been accepted and every open connection has closed (keep-alive clients are
+/// told `Connection: close` on their next request), for at most `grace`, then
+/// asks the server to stop.
 async fn sequence_drain(shared: Arc<Shared>, grace: Duration) {
     shared.draining.cancelled().await;
     let deadline = tokio::time::Instant::now() + grace;
-    while tokio::time::Instant::now() < deadline
-        && shared.counters.connections_open.load(Ordering::Relaxed) > 0
-    {
+    let settled = |shared: &Shared| {
+        shared.passed_done.load(Ordering::SeqCst)
+            && shared.passed_pending.load(Ordering::SeqCst) == 0
+            && shared.counters.connections_open.load(Ordering::Relaxed) == 0
+    };
+    while tokio::time::Instant::now() < deadline && !settled(&shared) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     shared.shutdown.cancel();

@@ -13,6 +13,10 @@ pub(crate) enum ToPrimary {
     Heartbeat(WorkerStats),
     /// The worker asks to be replaced (it reached its request limit).
     Recycle { reason: String },
+    /// A user message for the primary's handler (JSON payload).
+    User(Vec<u8>),
+    /// A user message for every worker (JSON payload).
+    Broadcast(Vec<u8>),
 }
 
 /// From the primary to a worker.
@@ -20,4 +24,6 @@ pub(crate) enum ToPrimary {
 pub(crate) enum ToWorker {
     /// Stop accepting, finish in-flight requests, exit.
     Drain,
+    /// A message some worker broadcast.
+    Broadcast { from_slot: u32, payload: Vec<u8> },
 }

@@ -77,7 +77,7 @@ fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<Boun
 
     let count = match balance {
         Balance::ReusePort => slots,
-        Balance::Shared => 1,
+        _ => 1,
     };
     let reuse_port = count > 1;
     let sockets = (0..count)

@@ -5,18 +5,21 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::WorkerCounters;
+use crate::net::fd_passing::PassedConnection;
 
-/// Accepted connections from every socket this worker serves.
+/// Accepted connections from every socket this worker serves, or passed to it
+/// by the primary in the accept-and-pass modes (the worker cannot tell which).
 ///
 /// Implements [`axum::serve::Listener`], so it plugs straight into
 /// `axum::serve`. When the primary asks the worker to drain, `accept` stops
@@ -38,22 +41,38 @@ use crate::metrics::WorkerCounters;
 /// })
 /// # .unwrap();
 /// ```
-#[derive(Debug)]
 pub struct Listener {
     sockets: Vec<TcpListener>,
+    passed: PassedQueue,
+    passed_pending: Arc<AtomicUsize>,
     next: usize,
     draining: CancellationToken,
     counters: Arc<WorkerCounters>,
 }
 
+/// Connections the primary passed to this worker (accept-and-pass modes).
+pub(crate) type PassedQueue = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<PassedConnection>>>;
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("sockets", &self.sockets)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Listener {
     pub(crate) fn new(
         sockets: Vec<TcpListener>,
+        passed: PassedQueue,
+        passed_pending: Arc<AtomicUsize>,
         draining: CancellationToken,
         counters: Arc<WorkerCounters>,
     ) -> Self {
         Listener {
             sockets,
+            passed,
+            passed_pending,
             next: 0,
             draining,
             counters,
@@ -80,10 +99,22 @@ impl Listener {
     async fn accept_connection(&mut self) -> (Connection, SocketAddr) {
         loop {
             let draining = self.draining.clone();
+            let passed = self.passed.clone();
+            // Passed connections are taken even while draining: the primary
+            // stopped sending before the drain, so these few were already on
+            // their way and would otherwise be reset.
             let result = tokio::select! {
-                biased;
-                _ = draining.cancelled() => std::future::pending().await,
-                result = poll_fn(|cx| self.poll_accept_any(cx)) => result,
+                Some(connection) = next_passed(passed) => {
+                    self.passed_pending.fetch_sub(1, Ordering::SeqCst);
+                    into_tokio(connection)
+                }
+                result = async {
+                    tokio::select! {
+                        biased;
+                        _ = draining.cancelled() => std::future::pending().await,
+                        result = poll_fn(|cx| self.poll_accept_any(cx)) => result,
+                    }
+                } => result,
             };
             match result {
                 Ok((stream, peer)) => {
@@ -101,6 +132,18 @@ impl Listener {
             }
         }
     }
+}
+
+async fn next_passed(passed: PassedQueue) -> Option<PassedConnection> {
+    passed.lock().await.recv().await
+}
+
+fn into_tokio(connection: PassedConnection) -> io::Result<(TcpStream, SocketAddr)> {
+    connection.stream.set_nonblocking(true)?;
+    Ok((
+        TcpStream::from_std(connection.stream)?,
+        connection.header.client,
+    ))
 }
 
 /// Errors that concern one connection that died in the queue, not the socket.

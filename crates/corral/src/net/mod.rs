@@ -1,6 +1,10 @@
-//! Sockets: binding in the primary, accepting in the workers.
+//! Sockets: binding in the primary, accepting in the workers, handing
+//! connections from one to the other, PROXY protocol headers.
 
 pub(crate) mod bind;
+pub(crate) mod fd_passing;
 mod listener;
+pub(crate) mod proxy_protocol;
 
+pub(crate) use listener::PassedQueue;
 pub use listener::{Connection, Listener};

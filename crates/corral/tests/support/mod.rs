@@ -163,8 +163,29 @@ pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
 
 /// One HTTP/1.1 request on its own connection.
 pub fn get_once(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    request_on(stream, addr, path, b"")
+}
+
+/// A connection to `addr` from the loopback address `source` (all of
+/// 127.0.0.0/8 is loopback on Linux), so each test client has its own IP.
+pub fn connect_from(source: std::net::Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+    Ok(socket.into())
+}
+
+/// Sends `preamble` (e.g. a PROXY protocol header) then `GET path` on `stream`.
+pub fn request_on(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    preamble: &[u8],
+) -> std::io::Result<(u16, String)> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(preamble)?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"

@@ -1,0 +1,272 @@
+//! The primary's balancer for the accept-and-pass modes: it picks the slot
+//! for each accepted connection and holds connections for slots whose worker
+//! is being replaced.
+//!
+//! The supervisor tells it which worker serves each slot; the acceptors ask it
+//! where a connection goes. Both run on the primary's single thread; the mutex
+//! around it is never contended.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::config::Balance;
+use crate::net::fd_passing::PassedConnection;
+
+/// Connections held for one slot at most; past that new ones are closed
+/// rather than letting a dead slot eat memory.
+const MAX_WAITING_PER_SLOT: usize = 4096;
+
+/// The worker that currently takes a slot's connections.
+#[derive(Debug)]
+struct Target {
+    generation: u64,
+    connections: mpsc::UnboundedSender<PassedConnection>,
+    /// Open connections in the worker's last heartbeat.
+    reported_open: u64,
+    /// Connections passed since that heartbeat.
+    passed_since_report: u64,
+}
+
+#[derive(Debug, Default)]
+struct SlotRoute {
+    target: Option<Target>,
+    waiting: VecDeque<(Instant, PassedConnection)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Balancer {
+    mode: Balance,
+    slots: Vec<SlotRoute>,
+    next: usize,
+}
+
+impl Balancer {
+    pub fn new(mode: Balance, slots: usize) -> Self {
+        Balancer {
+            mode,
+            slots: (0..slots).map(|_| SlotRoute::default()).collect(),
+            next: 0,
+        }
+    }
+
+    /// Sends a new connection to the slot the policy picks.
+    pub fn route(&mut self, connection: PassedConnection) {
+        let slot = match self.mode {
+            Balance::Sticky => sticky_slot(connection.header.client.ip(), self.slots.len()),
+            Balance::LeastConnections => self.least_loaded(),
+            _ => self.next_round_robin(),
+        };
+        self.deliver(slot, connection);
+    }
+
+    /// A connection a worker could not take (it died): sticky connections
+    /// wait for their slot's replacement, others go elsewhere.
+    pub fn requeue(&mut self, slot: usize, generation: u64, connection: PassedConnection) {
+        self.worker_gone(slot, generation);
+        if self.mode == Balance::Sticky {
+            self.deliver(slot, connection);
+        } else {
+            self.route(connection);
+        }
+    }
+
+    /// A worker is ready to take `slot`'s connections; whatever waited for the
+    /// slot goes to it now.
+    pub fn worker_ready(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        connections: mpsc::UnboundedSender<PassedConnection>,
+    ) {
+        let route = &mut self.slots[slot];
+        route.target = Some(Target {
+            generation,
+            connections,
+            reported_open: 0,
+            passed_since_report: 0,
+        });
+        let waiting = std::mem::take(&mut route.waiting);
+        for (_, connection) in waiting {
+            self.deliver(slot, connection);
+        }
+    }
+
+    /// The worker stops taking connections (draining, killed or exited).
+    pub fn worker_gone(&mut self, slot: usize, generation: u64) {
+        let route = &mut self.slots[slot];
+        if route
+            .target
+            .as_ref()
+            .is_some_and(|t| t.generation == generation)
+        {
+            route.target = None;
+        }
+    }
+
+    /// The open-connection count from a worker's heartbeat.
+    pub fn report(&mut self, slot: usize, generation: u64, open_connections: u64) {
+        if let Some(target) = self.slots[slot]
+            .target
+            .as_mut()
+            .filter(|t| t.generation == generation)
+        {
+            target.reported_open = open_connections;
+            target.passed_since_report = 0;
+        }
+    }
+
+    /// Closes connections that waited longer than `limit` for their slot.
+    pub fn expire(&mut self, now: Instant, limit: Duration) -> usize {
+        let mut closed = 0;
+        for route in &mut self.slots {
+            while route
+                .waiting
+                .front()
+                .is_some_and(|(since, _)| now.duration_since(*since) >= limit)
+            {
+                route.waiting.pop_front();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Drops every held connection (the primary is stopping).
+    pub fn clear(&mut self) {
+        for route in &mut self.slots {
+            route.waiting.clear();
+            route.target = None;
+        }
+    }
+
+    fn deliver(&mut self, slot: usize, connection: PassedConnection) {
+        let route = &mut self.slots[slot];
+        let connection = match &mut route.target {
+            Some(target) => match target.connections.send(connection) {
+                Ok(()) => {
+                    target.passed_since_report += 1;
+                    return;
+                }
+                Err(mpsc::error::SendError(connection)) => {
+                    route.target = None;
+                    connection
+                }
+            },
+            None => connection,
+        };
+        if route.waiting.len() < MAX_WAITING_PER_SLOT {
+            route.waiting.push_back((Instant::now(), connection));
+        } else {
+            tracing::warn!("slot {slot}: {MAX_WAITING_PER_SLOT} connections already wait for a worker; closing a new one");
+        }
+    }
+
+    /// The next slot with a worker, in turn; any slot if none has one (the
+    /// connection then waits there).
+    fn next_round_robin(&mut self) -> usize {
+        let count = self.slots.len();
+        for offset in 0..count {
+            let slot = (self.next + offset) % count;
+            if self.slots[slot].target.is_some() {
+                self.next = (slot + 1) % count;
+                return slot;
+            }
+        }
+        let slot = self.next % count;
+        self.next = (slot + 1) % count;
+        slot
+    }
+
+    fn least_loaded(&mut self) -> usize {
+        let loads = self.slots.iter().enumerate().filter_map(|(slot, route)| {
+            route
+                .target
+                .as_ref()
+                .map(|t| (t.reported_open + t.passed_since_report, slot))
+        });
+        // Ties go round-robin, so an idle cluster still spreads its load.
+        let start = self.next;
+        let count = self.slots.len();
+        match loads.min_by_key(|&(load, slot)| (load, (slot + count - start) % count)) {
+            Some((_, slot)) => {
+                self.next = (slot + 1) % count;
+                slot
+            }
+            None => self.next_round_robin(),
+        }
+    }
+}
+
+/// Rendezvous (highest-random-weight) hashing: each client goes to the slot
+/// with the highest score for it. Changing the slot count from n to n+1 moves
+/// only the ~1/(n+1) clients the new slot wins, and a slot's restart moves no
+/// one.
+pub(crate) fn sticky_slot(client: IpAddr, slots: usize) -> usize {
+    let key = match client {
+        IpAddr::V4(ip) => u128::from(ip.to_ipv6_mapped()),
+        IpAddr::V6(ip) => u128::from(ip.to_ipv4_mapped().map_or(ip, |v4| v4.to_ipv6_mapped())),
+    };
+    (0..slots)
+        .max_by_key(|&slot| score(key, slot as u64))
+        .unwrap_or(0)
+}
+
+/// A fixed, well-mixed 64-bit hash (splitmix64 finaliser) so every primary,
+/// on every build, maps a client the same way.
+fn score(key: u128, slot: u64) -> u64 {
+    let mut x = (key as u64)
+        ^ ((key >> 64) as u64).rotate_left(29)
+        ^ slot.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn clients() -> impl Iterator<Item = IpAddr> {
+        (0..10_000u32).map(|n| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)))
+    }
+
+    #[test]
+    fn sticky_spreads_clients_evenly() {
+        let mut counts = [0usize; 4];
+        for client in clients() {
+            counts[sticky_slot(client, 4)] += 1;
+        }
+        for count in counts {
+            assert!((2_200..=2_800).contains(&count), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn sticky_moves_few_clients_when_a_slot_is_added() {
+        let moved = clients()
+            .filter(|&client| sticky_slot(client, 4) != sticky_slot(client, 5))
+            .count();
+        // Ideal is 1/5 of the clients; modulo hashing would move about 4/5.
+        assert!(moved < 2_400, "{moved} of 10000 clients moved");
+        for client in clients() {
+            let (before, after) = (sticky_slot(client, 4), sticky_slot(client, 5));
+            assert!(
+                before == after || after == 4,
+                "a client moved between old slots"
+            );
+        }
+    }
+
+    #[test]
+    fn sticky_treats_mapped_ipv4_as_ipv4() {
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(sticky_slot(v4, 7), sticky_slot(mapped, 7));
+    }
+}
