@@ -1,0 +1,285 @@
+//! One submitted task: the future its caller awaits, the context it runs
+//! with, and the state they share to agree on cancellation.
+
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::time::Sleep;
+use tokio_util::sync::PollSemaphore;
+
+use super::stats::Metrics;
+use super::{Pool, PoolError};
+
+const QUEUED: u8 = 0;
+const RUNNING: u8 = 1;
+const CANCELLED: u8 = 2;
+
+/// The one word the caller and the pool thread race on: whoever moves it
+/// out of `QUEUED` first decides whether the task runs.
+pub(crate) struct Shared {
+    state: AtomicU8,
+}
+
+impl Shared {
+    fn new() -> Arc<Self> {
+        Arc::new(Shared {
+            state: AtomicU8::new(QUEUED),
+        })
+    }
+
+    fn start(&self) -> bool {
+        self.state
+            .compare_exchange(QUEUED, RUNNING, AcqRel, Acquire)
+            .is_ok()
+    }
+
+    /// Returns true when the task had not started, so it never will.
+    fn cancel(&self) -> bool {
+        self.state.swap(CANCELLED, AcqRel) == QUEUED
+    }
+}
+
+/// What a running task can ask about itself; given to the closures of
+/// [`Pool::run_with`] and [`Pool::try_run_with`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let pool = corral::pool::Pool::builder().threads(1).build().unwrap();
+/// let sum = pool
+///     .run_with(|cx| {
+///         let mut sum = 0u64;
+///         for i in 0..1_000_000u64 {
+///             // Stop early once nobody waits for the answer.
+///             if i % 10_000 == 0 && cx.is_cancelled() {
+///                 return None;
+///             }
+///             sum += i;
+///         }
+///         Some(sum)
+///     })
+///     .await
+///     .unwrap();
+/// assert_eq!(sum, Some(499_999_500_000));
+/// # }
+/// ```
+pub struct TaskContext {
+    shared: Arc<Shared>,
+}
+
+impl TaskContext {
+    /// True once the task's [`Task`] was dropped or timed out: nobody will
+    /// read the result, so a long task should return early.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.state.load(Relaxed) == CANCELLED
+    }
+}
+
+/// Runs one task on a pool thread (or skips it if it was cancelled first).
+pub(crate) fn execute<T, F>(
+    permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    admitted: Instant,
+    f: F,
+    done: oneshot::Sender<Result<T, PoolError>>,
+) where
+    F: FnOnce(&TaskContext) -> T,
+{
+    if !shared.start() {
+        // The canceller counted it; dropping `permit` frees its queue slot.
+        return;
+    }
+    let started = Instant::now();
+    metrics.queued.fetch_sub(1, Relaxed);
+    metrics.running.fetch_add(1, Relaxed);
+    let cx = TaskContext { shared };
+    let outcome = catch_unwind(AssertUnwindSafe(|| f(&cx)));
+    metrics.record(
+        rayon::current_thread_index(),
+        started - admitted,
+        started.elapsed(),
+    );
+    metrics.running.fetch_sub(1, Relaxed);
+    let result = match outcome {
+        Ok(value) => {
+            metrics.completed.fetch_add(1, Relaxed);
+            Ok(value)
+        }
+        Err(payload) => {
+            metrics.failed.fetch_add(1, Relaxed);
+            Err(PoolError::Panicked(panic_message(payload.as_ref())))
+        }
+    };
+    // Free the slot before waking the caller, so a caller that submits
+    // again right after its result arrives finds room.
+    drop(permit);
+    // An error only means the caller stopped waiting.
+    let _ = done.send(result);
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+type Submit<T> = Box<dyn FnOnce(OwnedSemaphorePermit) -> State<T> + Send>;
+
+pub(crate) enum State<T> {
+    /// `run` found the queue full and waits for a slot.
+    Waiting {
+        permits: PollSemaphore,
+        submit: Option<Submit<T>>,
+    },
+    Queued {
+        shared: Arc<Shared>,
+        result: oneshot::Receiver<Result<T, PoolError>>,
+    },
+    Failed(PoolError),
+    Done,
+}
+
+impl<T> State<T> {
+    pub(crate) fn waiting(permits: PollSemaphore, submit: Submit<T>) -> Self {
+        State::Waiting {
+            permits,
+            submit: Some(submit),
+        }
+    }
+
+    pub(crate) fn queued() -> (Self, Arc<Shared>, oneshot::Sender<Result<T, PoolError>>) {
+        let shared = Shared::new();
+        let (tx, rx) = oneshot::channel();
+        let state = State::Queued {
+            shared: Arc::clone(&shared),
+            result: rx,
+        };
+        (state, shared, tx)
+    }
+
+    pub(crate) fn failed(error: PoolError) -> Self {
+        State::Failed(error)
+    }
+}
+
+/// The result of a task on the [`Pool`], as a future.
+///
+/// Dropping it before the task starts removes the task: it never runs.
+/// Dropping it while the task runs lets the task see
+/// [`TaskContext::is_cancelled`]. A `Task` keeps its pool alive.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use corral::pool::{Pool, PoolError};
+///
+/// let pool = Pool::builder().threads(1).build().unwrap();
+/// let slow = pool
+///     .run_with(|cx| while !cx.is_cancelled() { std::thread::yield_now() })
+///     .timeout(Duration::from_millis(10));
+/// assert_eq!(slow.await, Err(PoolError::TimedOut));
+/// # }
+/// ```
+#[must_use = "a task is cancelled when its Task is dropped"]
+pub struct Task<T> {
+    pool: Pool,
+    state: State<T>,
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> Task<T> {
+    pub(crate) fn new(pool: Pool, state: State<T>) -> Self {
+        Task {
+            pool,
+            state,
+            deadline: None,
+            timer: None,
+        }
+    }
+
+    /// Gives up after `limit` from now, whether the task is still waiting
+    /// for room, queued or running; the task then resolves to
+    /// [`PoolError::TimedOut`] and is cancelled as if dropped.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        // The timer itself is made on first poll, inside the runtime.
+        self.deadline = Instant::now().checked_add(limit);
+        self.timer = None;
+        self
+    }
+
+    fn give_up(&mut self) {
+        if let State::Queued { shared, .. } = &self.state {
+            if shared.cancel() {
+                let metrics = self.pool.metrics();
+                metrics.queued.fetch_sub(1, Relaxed);
+                metrics.cancelled.fetch_add(1, Relaxed);
+            }
+        }
+        self.state = State::Done;
+    }
+}
+
+impl<T> Future for Task<T> {
+    type Output = Result<T, PoolError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Waiting { permits, submit } => match permits.poll_acquire(cx) {
+                    Poll::Ready(Some(permit)) => match submit.take() {
+                        Some(submit) => this.state = submit(permit),
+                        None => return Poll::Ready(Err(PoolError::Cancelled)),
+                    },
+                    // The pool never closes its semaphore.
+                    Poll::Ready(None) => return Poll::Ready(Err(PoolError::Cancelled)),
+                    Poll::Pending => break,
+                },
+                State::Queued { result, .. } => match Pin::new(result).poll(cx) {
+                    Poll::Ready(outcome) => {
+                        this.state = State::Done;
+                        // A dropped sender means the job was dropped unrun.
+                        return Poll::Ready(outcome.unwrap_or(Err(PoolError::Cancelled)));
+                    }
+                    Poll::Pending => break,
+                },
+                State::Failed(_) => {
+                    return match std::mem::replace(&mut this.state, State::Done) {
+                        State::Failed(error) => Poll::Ready(Err(error)),
+                        _ => Poll::Ready(Err(PoolError::Cancelled)),
+                    };
+                }
+                // Polled after completion: answer rather than panic.
+                State::Done => return Poll::Ready(Err(PoolError::Cancelled)),
+            }
+        }
+        if let Some(deadline) = this.deadline {
+            let timer = this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+            if timer.as_mut().poll(cx).is_ready() {
+                this.give_up();
+                this.pool.metrics().timed_out.fetch_add(1, Relaxed);
+                return Poll::Ready(Err(PoolError::TimedOut));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.give_up();
+    }
+}
