@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 
 use super::stats::Metrics;
-use super::{threads, Inner, Pool};
+use super::{threads, Core, Inner, Pool};
 
 /// Configures a [`Pool`]; made by [`Pool::builder`].
 ///
@@ -83,7 +83,6 @@ impl PoolBuilder {
                 "a pool needs at least one thread",
             ));
         }
-        // A permit is a place in the pool, running or queued.
         let places = threads
             .saturating_add(self.queue)
             .min(Semaphore::MAX_PERMITS);
@@ -92,8 +91,10 @@ impl PoolBuilder {
             inner: Arc::new(Inner {
                 rayon,
                 _joiner: threads::Joiner(handles),
-                permits: Arc::new(Semaphore::new(places)),
-                metrics: Arc::new(Metrics::new(threads, self.queue)),
+                core: Arc::new(Core {
+                    permits: Semaphore::new(places),
+                    metrics: Metrics::new(threads, self.queue),
+                }),
             }),
         })
     }

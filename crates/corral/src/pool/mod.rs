@@ -34,8 +34,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::PollSemaphore;
+use tokio::sync::Semaphore;
 
 pub use builder::PoolBuilder;
 pub use error::PoolError;
@@ -72,8 +71,16 @@ pub struct Pool {
 struct Inner {
     rayon: rayon::ThreadPool,
     _joiner: threads::Joiner,
-    permits: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
+    core: Arc<Core>,
+}
+
+/// What queued jobs share with the pool handle. One `Arc`, so a job costs
+/// one reference count.
+struct Core {
+    /// A permit is a place in the pool, running or queued. Admission
+    /// forgets its permit; the job adds it back when it is done.
+    permits: Semaphore,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for Pool {
@@ -129,13 +136,21 @@ impl Pool {
         F: FnOnce(&TaskContext) -> T + Send + 'static,
         T: Send + 'static,
     {
-        match Arc::clone(&self.inner.permits).try_acquire_owned() {
-            Ok(permit) => Task::new(self.clone(), self.submit(permit, f)),
+        match self.inner.core.permits.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                Task::new(self.clone(), self.submit(f))
+            }
             Err(_) => {
                 let pool = self.clone();
-                let permits = PollSemaphore::new(Arc::clone(&self.inner.permits));
-                let submit = Box::new(move |permit| pool.submit(permit, f));
-                Task::new(self.clone(), State::waiting(permits, submit))
+                let admission = Box::pin(async move {
+                    // The pool never closes its semaphore.
+                    if let Ok(permit) = pool.inner.core.permits.acquire().await {
+                        permit.forget();
+                    }
+                    pool.submit(f)
+                });
+                Task::new(self.clone(), State::waiting(admission))
             }
         }
     }
@@ -170,10 +185,13 @@ impl Pool {
         F: FnOnce(&TaskContext) -> T + Send + 'static,
         T: Send + 'static,
     {
-        match Arc::clone(&self.inner.permits).try_acquire_owned() {
-            Ok(permit) => Task::new(self.clone(), self.submit(permit, f)),
+        match self.inner.core.permits.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                Task::new(self.clone(), self.submit(f))
+            }
             Err(_) => {
-                self.inner.metrics.rejected.fetch_add(1, Relaxed);
+                self.metrics().rejected.fetch_add(1, Relaxed);
                 Task::new(self.clone(), State::failed(PoolError::QueueFull))
             }
         }
@@ -187,25 +205,26 @@ impl Pool {
     /// assert_eq!(pool.stats().queued, 0);
     /// ```
     pub fn stats(&self) -> PoolStats {
-        self.inner.metrics.snapshot()
+        self.metrics().snapshot()
     }
 
     fn metrics(&self) -> &Metrics {
-        &self.inner.metrics
+        &self.inner.core.metrics
     }
 
-    fn submit<F, T>(&self, permit: OwnedSemaphorePermit, f: F) -> State<T>
+    /// Queues `f`; the caller holds a (forgotten) permit for it.
+    fn submit<F, T>(&self, f: F) -> State<T>
     where
         F: FnOnce(&TaskContext) -> T + Send + 'static,
         T: Send + 'static,
     {
         let (state, shared, done) = State::queued();
-        let metrics = Arc::clone(&self.inner.metrics);
-        metrics.queued.fetch_add(1, Relaxed);
+        let core = Arc::clone(&self.inner.core);
+        core.metrics.admitted.fetch_add(1, Relaxed);
         let admitted = Instant::now();
         self.inner
             .rayon
-            .spawn(move || task::execute(permit, metrics, shared, admitted, f, done));
+            .spawn(move || task::execute(core, shared, admitted, f, done));
         state
     }
 }

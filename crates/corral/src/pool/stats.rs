@@ -59,32 +59,37 @@ pub struct PoolStats {
     pub utilisation: f64,
 }
 
-/// Live counters, shared by the pool handle and every queued job.
+/// Live counters. Callers count what happens on their side in atomics;
+/// each pool thread counts what it runs in its own slot, so pool threads
+/// never write to a shared cache line.
 pub(crate) struct Metrics {
     started: Instant,
     threads: usize,
     queue_capacity: usize,
-    pub(crate) queued: AtomicU64,
-    pub(crate) running: AtomicU64,
-    pub(crate) completed: AtomicU64,
-    pub(crate) failed: AtomicU64,
+    pub(crate) admitted: AtomicU64,
     pub(crate) rejected: AtomicU64,
     pub(crate) cancelled: AtomicU64,
     pub(crate) timed_out: AtomicU64,
-    busy_ns: AtomicU64,
-    /// One pair per pool thread (plus one for callers outside it), so
-    /// threads never contend on a histogram lock.
-    timings: Vec<Mutex<Timings>>,
+    /// One per pool thread, plus one for tasks run elsewhere.
+    slots: Vec<Mutex<Slot>>,
 }
 
-struct Timings {
+struct Slot {
+    started: u64,
+    completed: u64,
+    failed: u64,
+    busy_ns: u64,
     wait_us: Histogram<u64>,
     run_us: Histogram<u64>,
 }
 
-impl Timings {
+impl Slot {
     fn new() -> Self {
-        Timings {
+        Slot {
+            started: 0,
+            completed: 0,
+            failed: 0,
+            busy_ns: 0,
             wait_us: micros_histogram(),
             run_us: micros_histogram(),
         }
@@ -112,50 +117,70 @@ impl Metrics {
             started: Instant::now(),
             threads,
             queue_capacity,
-            queued: AtomicU64::new(0),
-            running: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
-            busy_ns: AtomicU64::new(0),
-            timings: (0..=threads).map(|_| Mutex::new(Timings::new())).collect(),
+            slots: (0..=threads).map(|_| Mutex::new(Slot::new())).collect(),
         }
     }
 
-    /// Records one finished task; `slot` is the rayon thread index.
-    pub(crate) fn record(&self, slot: Option<usize>, wait: Duration, run: Duration) {
-        self.busy_ns
-            .fetch_add(u64::try_from(run.as_nanos()).unwrap_or(u64::MAX), Relaxed);
-        let slot = slot.unwrap_or(self.threads).min(self.threads);
-        let mut t = self.timings[slot]
+    fn slot(&self) -> std::sync::MutexGuard<'_, Slot> {
+        let index = rayon::current_thread_index()
+            .unwrap_or(self.threads)
+            .min(self.threads);
+        self.slots[index]
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        t.wait_us.saturating_record(micros(wait));
-        t.run_us.saturating_record(micros(run));
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn task_started(&self, wait: Duration) {
+        let mut slot = self.slot();
+        slot.started += 1;
+        slot.wait_us.saturating_record(micros(wait));
+    }
+
+    pub(crate) fn task_finished(&self, run: Duration, panicked: bool) {
+        let mut slot = self.slot();
+        if panicked {
+            slot.failed += 1;
+        } else {
+            slot.completed += 1;
+        }
+        slot.busy_ns = slot
+            .busy_ns
+            .saturating_add(u64::try_from(run.as_nanos()).unwrap_or(u64::MAX));
+        slot.run_us.saturating_record(micros(run));
     }
 
     pub(crate) fn snapshot(&self) -> PoolStats {
         let mut wait = micros_histogram();
         let mut run = micros_histogram();
-        for t in &self.timings {
-            let t = t.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (mut started, mut completed, mut failed, mut busy_ns) = (0u64, 0u64, 0u64, 0u64);
+        // Read the callers' side first: a task counted as started is then
+        // always counted as admitted too, so `queued` cannot go negative.
+        let cancelled = self.cancelled.load(Relaxed);
+        for slot in &self.slots {
+            let slot = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            started += slot.started;
+            completed += slot.completed;
+            failed += slot.failed;
+            busy_ns = busy_ns.saturating_add(slot.busy_ns);
             // Same bounds on both sides, so adding cannot fail.
-            let _ = wait.add(&t.wait_us);
-            let _ = run.add(&t.run_us);
+            let _ = wait.add(&slot.wait_us);
+            let _ = run.add(&slot.run_us);
         }
+        let admitted = self.admitted.load(Relaxed);
         let capacity_ns = self.started.elapsed().as_nanos() as f64 * self.threads as f64;
-        let busy_ns = self.busy_ns.load(Relaxed) as f64;
         PoolStats {
             threads: self.threads,
             queue_capacity: self.queue_capacity,
-            queued: self.queued.load(Relaxed),
-            running: self.running.load(Relaxed),
-            completed: self.completed.load(Relaxed),
-            failed: self.failed.load(Relaxed),
+            queued: admitted.saturating_sub(started + cancelled),
+            running: started.saturating_sub(completed + failed),
+            completed,
+            failed,
             rejected: self.rejected.load(Relaxed),
-            cancelled: self.cancelled.load(Relaxed),
+            cancelled,
             timed_out: self.timed_out.load(Relaxed),
             wait_p50_ms: ms(wait.value_at_quantile(0.5)),
             wait_p99_ms: ms(wait.value_at_quantile(0.99)),
@@ -164,7 +189,7 @@ impl Metrics {
             run_p99_ms: ms(run.value_at_quantile(0.99)),
             run_max_ms: ms(run.max()),
             utilisation: if capacity_ns > 0.0 {
-                (busy_ns / capacity_ns).min(1.0)
+                (busy_ns as f64 / capacity_ns).min(1.0)
             } else {
                 0.0
             },

@@ -9,12 +9,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, OwnedSemaphorePermit};
+use tokio::sync::oneshot;
 use tokio::time::Sleep;
-use tokio_util::sync::PollSemaphore;
 
-use super::stats::Metrics;
-use super::{Pool, PoolError};
+use super::{Core, Pool, PoolError};
 
 const QUEUED: u8 = 0;
 const RUNNING: u8 = 1;
@@ -81,9 +79,10 @@ impl TaskContext {
 }
 
 /// Runs one task on a pool thread (or skips it if it was cancelled first).
+/// The task holds one of `core.permits`, forgotten at admission; it is
+/// given back here.
 pub(crate) fn execute<T, F>(
-    permit: OwnedSemaphorePermit,
-    metrics: Arc<Metrics>,
+    core: Arc<Core>,
     shared: Arc<Shared>,
     admitted: Instant,
     f: F,
@@ -92,33 +91,20 @@ pub(crate) fn execute<T, F>(
     F: FnOnce(&TaskContext) -> T,
 {
     if !shared.start() {
-        // The canceller counted it; dropping `permit` frees its queue slot.
+        // The canceller counted it; only its queue slot is left to free.
+        core.permits.add_permits(1);
         return;
     }
     let started = Instant::now();
-    metrics.queued.fetch_sub(1, Relaxed);
-    metrics.running.fetch_add(1, Relaxed);
+    core.metrics.task_started(started - admitted);
     let cx = TaskContext { shared };
     let outcome = catch_unwind(AssertUnwindSafe(|| f(&cx)));
-    metrics.record(
-        rayon::current_thread_index(),
-        started - admitted,
-        started.elapsed(),
-    );
-    metrics.running.fetch_sub(1, Relaxed);
-    let result = match outcome {
-        Ok(value) => {
-            metrics.completed.fetch_add(1, Relaxed);
-            Ok(value)
-        }
-        Err(payload) => {
-            metrics.failed.fetch_add(1, Relaxed);
-            Err(PoolError::Panicked(panic_message(payload.as_ref())))
-        }
-    };
+    core.metrics
+        .task_finished(started.elapsed(), outcome.is_err());
+    let result = outcome.map_err(|payload| PoolError::Panicked(panic_message(payload.as_ref())));
     // Free the slot before waking the caller, so a caller that submits
     // again right after its result arrives finds room.
-    drop(permit);
+    core.permits.add_permits(1);
     // An error only means the caller stopped waiting.
     let _ = done.send(result);
 }
@@ -133,14 +119,11 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-type Submit<T> = Box<dyn FnOnce(OwnedSemaphorePermit) -> State<T> + Send>;
+type Admission<T> = Pin<Box<dyn Future<Output = State<T>> + Send>>;
 
 pub(crate) enum State<T> {
     /// `run` found the queue full and waits for a slot.
-    Waiting {
-        permits: PollSemaphore,
-        submit: Option<Submit<T>>,
-    },
+    Waiting(Admission<T>),
     Queued {
         shared: Arc<Shared>,
         result: oneshot::Receiver<Result<T, PoolError>>,
@@ -150,11 +133,8 @@ pub(crate) enum State<T> {
 }
 
 impl<T> State<T> {
-    pub(crate) fn waiting(permits: PollSemaphore, submit: Submit<T>) -> Self {
-        State::Waiting {
-            permits,
-            submit: Some(submit),
-        }
+    pub(crate) fn waiting(admission: Admission<T>) -> Self {
+        State::Waiting(admission)
     }
 
     pub(crate) fn queued() -> (Self, Arc<Shared>, oneshot::Sender<Result<T, PoolError>>) {
@@ -221,9 +201,7 @@ impl<T> Task<T> {
     fn give_up(&mut self) {
         if let State::Queued { shared, .. } = &self.state {
             if shared.cancel() {
-                let metrics = self.pool.metrics();
-                metrics.queued.fetch_sub(1, Relaxed);
-                metrics.cancelled.fetch_add(1, Relaxed);
+                self.pool.metrics().cancelled.fetch_add(1, Relaxed);
             }
         }
         self.state = State::Done;
@@ -237,13 +215,8 @@ impl<T> Future for Task<T> {
         let this = self.get_mut();
         loop {
             match &mut this.state {
-                State::Waiting { permits, submit } => match permits.poll_acquire(cx) {
-                    Poll::Ready(Some(permit)) => match submit.take() {
-                        Some(submit) => this.state = submit(permit),
-                        None => return Poll::Ready(Err(PoolError::Cancelled)),
-                    },
-                    // The pool never closes its semaphore.
-                    Poll::Ready(None) => return Poll::Ready(Err(PoolError::Cancelled)),
+                State::Waiting(admission) => match admission.as_mut().poll(cx) {
+                    Poll::Ready(queued) => this.state = queued,
                     Poll::Pending => break,
                 },
                 State::Queued { result, .. } => match Pin::new(result).poll(cx) {
