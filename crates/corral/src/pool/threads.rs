@@ -36,6 +36,7 @@ pub(crate) fn build(
 ) -> io::Result<(rayon::ThreadPool, Handles)> {
     let handles: Handles = Arc::default();
     let spawned = Arc::clone(&handles);
+    let (ready, all_ready) = std::sync::mpsc::channel();
     let prefix = prefix.to_owned();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
@@ -48,8 +49,10 @@ pub(crate) fn build(
             if let Some(size) = thread.stack_size() {
                 builder = builder.stack_size(size);
             }
+            let ready = ready.clone();
             let handle = builder.spawn(move || {
                 lower_priority(nice);
+                let _ = ready.send(());
                 thread.run();
             })?;
             spawned
@@ -60,6 +63,13 @@ pub(crate) fn build(
         })
         .build()
         .map_err(io::Error::other)?;
+    // Return only once every thread has its name and priority, so nothing
+    // observes a half-started pool.
+    for _ in 0..threads {
+        if all_ready.recv().is_err() {
+            break;
+        }
+    }
     Ok((pool, handles))
 }
 
