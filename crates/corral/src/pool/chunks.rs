@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::{PoolError, TaskContext};
 
-impl TaskContext {
+impl TaskContext<'_> {
     /// Maps `items` in chunks of `chunk_size` on every thread of the pool
     /// (idle threads steal chunks), returning the results in order.
     ///

@@ -118,7 +118,7 @@ impl Pool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.run_with(move |_: &TaskContext| f())
+        self.run_with(move |_: &TaskContext<'_>| f())
     }
 
     /// Like [`run`](Self::run), and `f` gets a [`TaskContext`] to see
@@ -133,7 +133,7 @@ impl Pool {
     /// ```
     pub fn run_with<F, T>(&self, f: F) -> Task<T>
     where
-        F: FnOnce(&TaskContext) -> T + Send + 'static,
+        F: FnOnce(&TaskContext<'_>) -> T + Send + 'static,
         T: Send + 'static,
     {
         match self.inner.core.permits.try_acquire() {
@@ -169,7 +169,7 @@ impl Pool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.try_run_with(move |_: &TaskContext| f())
+        self.try_run_with(move |_: &TaskContext<'_>| f())
     }
 
     /// [`try_run`](Self::try_run) with a [`TaskContext`].
@@ -182,7 +182,7 @@ impl Pool {
     /// ```
     pub fn try_run_with<F, T>(&self, f: F) -> Task<T>
     where
-        F: FnOnce(&TaskContext) -> T + Send + 'static,
+        F: FnOnce(&TaskContext<'_>) -> T + Send + 'static,
         T: Send + 'static,
     {
         match self.inner.core.permits.try_acquire() {
@@ -215,16 +215,16 @@ impl Pool {
     /// Queues `f`; the caller holds a (forgotten) permit for it.
     fn submit<F, T>(&self, f: F) -> State<T>
     where
-        F: FnOnce(&TaskContext) -> T + Send + 'static,
+        F: FnOnce(&TaskContext<'_>) -> T + Send + 'static,
         T: Send + 'static,
     {
-        let (state, shared, done) = State::queued();
+        let (state, done) = State::queued();
         let core = Arc::clone(&self.inner.core);
         core.metrics.admitted.fetch_add(1, Relaxed);
         let admitted = Instant::now();
         self.inner
             .rayon
-            .spawn(move || task::execute(core, shared, admitted, f, done));
+            .spawn(move || task::execute(core, admitted, f, done));
         state
     }
 }

@@ -28,7 +28,8 @@ pub struct PoolStats {
     pub threads: usize,
     /// How many tasks may wait for a thread before `try_run` rejects.
     pub queue_capacity: usize,
-    /// Tasks waiting for a thread now.
+    /// Tasks waiting for a thread now, including dropped ones a thread has
+    /// not discarded yet (they still hold their queue slot).
     pub queued: u64,
     /// Tasks running now.
     pub running: u64,
@@ -38,7 +39,8 @@ pub struct PoolStats {
     pub failed: u64,
     /// Tasks `try_run` turned away because the queue was full.
     pub rejected: u64,
-    /// Tasks removed before they started because nobody waited any more.
+    /// Tasks discarded unrun because nobody waited for them any more
+    /// (their [`Task`](super::Task) was dropped or timed out first).
     pub cancelled: u64,
     /// Tasks whose deadline passed before they finished.
     pub timed_out: u64,

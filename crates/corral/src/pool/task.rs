@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -14,32 +14,16 @@ use tokio::time::Sleep;
 
 use super::{Core, Pool, PoolError};
 
-const QUEUED: u8 = 0;
-const RUNNING: u8 = 1;
-const CANCELLED: u8 = 2;
-
-/// The one word the caller and the pool thread race on: whoever moves it
-/// out of `QUEUED` first decides whether the task runs.
-pub(crate) struct Shared {
-    state: AtomicU8,
+/// The result channel doubles as the cancellation flag: the caller drops
+/// the receiving end when it stops waiting, and the pool thread sees the
+/// sending end closed. No other shared state, no extra allocation.
+trait Closed: Sync {
+    fn closed(&self) -> bool;
 }
 
-impl Shared {
-    fn new() -> Arc<Self> {
-        Arc::new(Shared {
-            state: AtomicU8::new(QUEUED),
-        })
-    }
-
-    fn start(&self) -> bool {
-        self.state
-            .compare_exchange(QUEUED, RUNNING, AcqRel, Acquire)
-            .is_ok()
-    }
-
-    /// Returns true when the task had not started, so it never will.
-    fn cancel(&self) -> bool {
-        self.state.swap(CANCELLED, AcqRel) == QUEUED
+impl<T: Send> Closed for oneshot::Sender<T> {
+    fn closed(&self) -> bool {
+        self.is_closed()
     }
 }
 
@@ -66,39 +50,38 @@ impl Shared {
 /// assert_eq!(sum, Some(499_999_500_000));
 /// # }
 /// ```
-pub struct TaskContext {
-    shared: Arc<Shared>,
+pub struct TaskContext<'a> {
+    done: &'a dyn Closed,
 }
 
-impl TaskContext {
+impl TaskContext<'_> {
     /// True once the task's [`Task`] was dropped or timed out: nobody will
     /// read the result, so a long task should return early.
     pub fn is_cancelled(&self) -> bool {
-        self.shared.state.load(Relaxed) == CANCELLED
+        self.done.closed()
     }
 }
 
-/// Runs one task on a pool thread (or skips it if it was cancelled first).
-/// The task holds one of `core.permits`, forgotten at admission; it is
-/// given back here.
+/// Runs one task on a pool thread, or skips it if its caller stopped
+/// waiting first. The task holds one of `core.permits`, forgotten at
+/// admission; it is given back here.
 pub(crate) fn execute<T, F>(
     core: Arc<Core>,
-    shared: Arc<Shared>,
     admitted: Instant,
     f: F,
     done: oneshot::Sender<Result<T, PoolError>>,
 ) where
-    F: FnOnce(&TaskContext) -> T,
+    F: FnOnce(&TaskContext<'_>) -> T,
+    T: Send,
 {
-    if !shared.start() {
-        // The canceller counted it; only its queue slot is left to free.
+    if done.is_closed() {
+        core.metrics.cancelled.fetch_add(1, Relaxed);
         core.permits.add_permits(1);
         return;
     }
     let started = Instant::now();
     core.metrics.task_started(started - admitted);
-    let cx = TaskContext { shared };
-    let outcome = catch_unwind(AssertUnwindSafe(|| f(&cx)));
+    let outcome = catch_unwind(AssertUnwindSafe(|| f(&TaskContext { done: &done })));
     core.metrics
         .task_finished(started.elapsed(), outcome.is_err());
     let result = outcome.map_err(|payload| PoolError::Panicked(panic_message(payload.as_ref())));
@@ -124,10 +107,7 @@ type Admission<T> = Pin<Box<dyn Future<Output = State<T>> + Send>>;
 pub(crate) enum State<T> {
     /// `run` found the queue full and waits for a slot.
     Waiting(Admission<T>),
-    Queued {
-        shared: Arc<Shared>,
-        result: oneshot::Receiver<Result<T, PoolError>>,
-    },
+    Queued(oneshot::Receiver<Result<T, PoolError>>),
     Failed(PoolError),
     Done,
 }
@@ -137,14 +117,9 @@ impl<T> State<T> {
         State::Waiting(admission)
     }
 
-    pub(crate) fn queued() -> (Self, Arc<Shared>, oneshot::Sender<Result<T, PoolError>>) {
-        let shared = Shared::new();
+    pub(crate) fn queued() -> (Self, oneshot::Sender<Result<T, PoolError>>) {
         let (tx, rx) = oneshot::channel();
-        let state = State::Queued {
-            shared: Arc::clone(&shared),
-            result: rx,
-        };
-        (state, shared, tx)
+        (State::Queued(rx), tx)
     }
 
     pub(crate) fn failed(error: PoolError) -> Self {
@@ -154,7 +129,8 @@ impl<T> State<T> {
 
 /// The result of a task on the [`Pool`], as a future.
 ///
-/// Dropping it before the task starts removes the task: it never runs.
+/// Dropping it before the task starts removes the task: it never runs (the
+/// thread that reaches it discards it at once, without calling it).
 /// Dropping it while the task runs lets the task see
 /// [`TaskContext::is_cancelled`]. A `Task` keeps its pool alive.
 ///
@@ -197,15 +173,6 @@ impl<T> Task<T> {
         self.timer = None;
         self
     }
-
-    fn give_up(&mut self) {
-        if let State::Queued { shared, .. } = &self.state {
-            if shared.cancel() {
-                self.pool.metrics().cancelled.fetch_add(1, Relaxed);
-            }
-        }
-        self.state = State::Done;
-    }
 }
 
 impl<T> Future for Task<T> {
@@ -219,7 +186,7 @@ impl<T> Future for Task<T> {
                     Poll::Ready(queued) => this.state = queued,
                     Poll::Pending => break,
                 },
-                State::Queued { result, .. } => match Pin::new(result).poll(cx) {
+                State::Queued(result) => match Pin::new(result).poll(cx) {
                     Poll::Ready(outcome) => {
                         this.state = State::Done;
                         // A dropped sender means the job was dropped unrun.
@@ -242,17 +209,12 @@ impl<T> Future for Task<T> {
                 .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
             if timer.as_mut().poll(cx).is_ready() {
-                this.give_up();
+                // Dropping the receiver is the whole cancellation protocol.
+                this.state = State::Done;
                 this.pool.metrics().timed_out.fetch_add(1, Relaxed);
                 return Poll::Ready(Err(PoolError::TimedOut));
             }
         }
         Poll::Pending
-    }
-}
-
-impl<T> Drop for Task<T> {
-    fn drop(&mut self) {
-        self.give_up();
     }
 }
