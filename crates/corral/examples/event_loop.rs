@@ -47,6 +47,9 @@ struct Args {
     /// Records signed per heavy request.
     #[arg(long, default_value_t = 50_000)]
     records: usize,
+    /// Nice value of the pool threads (0: same priority as the event loop).
+    #[arg(long, default_value_t = 10)]
+    nice: i32,
 }
 
 /// Signs `records` payment records with HMAC-SHA256 and folds the MACs;
@@ -158,7 +161,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let threads = default_threads(None);
     let pool = match args.mode {
-        Mode::Pool => Some(Pool::builder().threads(threads).build()?),
+        Mode::Pool => Some(Pool::builder().threads(threads).nice(args.nice).build()?),
         Mode::Blocking => None,
     };
     let rt = tokio::runtime::Builder::new_current_thread()

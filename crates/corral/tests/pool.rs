@@ -313,3 +313,45 @@ mod pool {
         assert!(stats.max_ms >= 150.0, "{stats:?}");
     }
 }
+
+mod pool_shutdown {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    use corral::pool::Pool;
+
+    /// Counts its drops, to see that no queued closure is leaked.
+    struct Tracked(Arc<AtomicUsize>);
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_drop_discards_abandoned_tasks_without_leaking_them() {
+        let pool = Pool::builder().threads(1).build().unwrap();
+        let (started, wait_started) = std::sync::mpsc::channel();
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let blocker = pool.run(move || {
+            started.send(()).unwrap();
+            let _ = gate.recv();
+        });
+        wait_started.recv().unwrap();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        for _ in 0..5 {
+            let tracked = Tracked(Arc::clone(&dropped));
+            drop(pool.run(move || drop(tracked)));
+        }
+        drop(blocker);
+        // Opens the gate while (or before) the pool is being dropped.
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let _ = open.send(());
+        });
+        drop(pool);
+        opener.join().unwrap();
+        assert_eq!(dropped.load(SeqCst), 5);
+    }
+}
