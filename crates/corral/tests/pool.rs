@@ -279,6 +279,38 @@ mod pool {
     }
 
     #[tokio::test]
+    async fn pool_map_chunks_stops_when_cancelled() {
+        let pool = Pool::builder().threads(2).build().unwrap();
+        let (report, outcome) = mpsc::channel();
+        let mapped = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&mapped);
+        let task = pool
+            .run_with(move |cx| {
+                let records = vec![0u8; 10_000];
+                let result = cx.map_chunks(
+                    &records,
+                    10,
+                    |_| {
+                        // Every chunk waits for the cancellation.
+                        counter.fetch_add(1, SeqCst);
+                        while !cx.is_cancelled() {
+                            std::thread::yield_now();
+                        }
+                    },
+                    |_, _| {},
+                );
+                report.send(result.map(|chunks| chunks.len())).unwrap();
+            })
+            .timeout(Duration::from_millis(20));
+        assert_eq!(task.await, Err(PoolError::TimedOut));
+        assert_eq!(outcome.recv().unwrap(), Err(PoolError::Cancelled));
+        assert!(
+            mapped.load(SeqCst) < 1000,
+            "chunks after the cancel are skipped"
+        );
+    }
+
+    #[tokio::test]
     async fn pool_stats_count_and_time_tasks() {
         let pool = Pool::builder().threads(1).build().unwrap();
         for _ in 0..5 {

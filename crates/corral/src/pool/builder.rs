@@ -72,9 +72,11 @@ impl PoolBuilder {
         self
     }
 
-    /// Starts the threads.
+    /// Starts the threads; returns once all of them run.
     ///
-    /// Fails if `threads` is 0 or the OS refuses to spawn a thread.
+    /// # Errors
+    /// `InvalidInput` if `threads` is 0, or the OS error when a thread
+    /// cannot be spawned.
     pub fn build(self) -> io::Result<Pool> {
         let threads = self.threads.unwrap_or_else(|| super::default_threads(None));
         if threads == 0 {

@@ -11,9 +11,11 @@ impl TaskContext<'_> {
     /// (idle threads steal chunks), returning the results in order.
     ///
     /// `progress(done, total)` is called after each chunk, from whichever
-    /// thread ran it, with the number of items done so far. Chunks not yet
-    /// started when the task is cancelled are skipped and the call returns
-    /// [`PoolError::Cancelled`].
+    /// thread ran it, with the number of items done so far.
+    ///
+    /// # Errors
+    /// [`PoolError::Cancelled`] when the task is cancelled midway; chunks not
+    /// started by then are skipped.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
