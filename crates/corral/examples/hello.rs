@@ -7,6 +7,7 @@
 //! curl http://127.0.0.1:8080/          # hello from worker 1 (pid 4242)
 //! curl 'http://127.0.0.1:8080/work?us=200'
 //! curl 'http://127.0.0.1:8080/block?ms=8000'   # the primary replaces the hung worker
+//! curl 'http://127.0.0.1:8080/notify?text=hi'  # the primary prints: worker 0 says "hi"
 //! kill -HUP <primary pid>              # rolling reload, no failed request
 //! ```
 
@@ -52,36 +53,43 @@ struct BlockParams {
 fn main() -> corral::Result<()> {
     let cli = Cli::parse();
     let fault = cli.fault;
-    cli.cluster.builder().run(move |worker| async move {
-        match fault {
-            Some(Fault::CrashOnStart) => {
-                eprintln!("hello: crashing at start, as asked by --fault crash-on-start");
-                std::process::exit(1);
+    cli.cluster
+        .builder()
+        .on_message(|slot, message| match message.decode::<String>() {
+            Ok(text) => println!("hello: worker {slot} says {text:?}"),
+            Err(err) => eprintln!("hello: unreadable message from worker {slot}: {err}"),
+        })
+        .run(move |worker| async move {
+            match fault {
+                Some(Fault::CrashOnStart) => {
+                    eprintln!("hello: crashing at start, as asked by --fault crash-on-start");
+                    std::process::exit(1);
+                }
+                Some(Fault::NeverReady) => std::future::pending::<()>().await,
+                _ => {}
             }
-            Some(Fault::NeverReady) => std::future::pending::<()>().await,
-            _ => {}
-        }
-        let greeting = format!(
-            "hello from worker {} (pid {})",
-            worker.slot(),
-            std::process::id()
-        );
-        let app = Router::new()
-            .route("/", get(move || async move { greeting }))
-            .route("/work", get(work))
-            .route("/block", get(block))
-            .layer(worker.track_requests());
-        let listener = worker.listener();
-        if matches!(fault, Some(Fault::IpcGarbage))
-            && worker.slot() == 0
-            && worker.generation() == 0
-        {
-            write_ipc_garbage();
-        }
-        axum::serve(listener, app)
-            .with_graceful_shutdown(worker.shutdown())
-            .await
-    })
+            let greeting = format!(
+                "hello from worker {} (pid {})",
+                worker.slot(),
+                std::process::id()
+            );
+            let app = Router::new()
+                .route("/", get(move || async move { greeting }))
+                .route("/work", get(work))
+                .route("/block", get(block))
+                .route("/notify", get(notify).with_state(worker.clone()))
+                .layer(worker.track_requests());
+            let listener = worker.listener();
+            if matches!(fault, Some(Fault::IpcGarbage))
+                && worker.slot() == 0
+                && worker.generation() == 0
+            {
+                write_ipc_garbage();
+            }
+            axum::serve(listener, app)
+                .with_graceful_shutdown(worker.shutdown())
+                .await
+        })
 }
 
 /// Burns about `us` microseconds of CPU on the event loop.
@@ -102,6 +110,22 @@ async fn work(Query(params): Query<WorkParams>) -> String {
         "worked {} us ({rounds} rounds, {x:x})\n",
         start.elapsed().as_micros()
     )
+}
+
+#[derive(Deserialize)]
+struct NotifyParams {
+    text: String,
+}
+
+/// Sends `text` to the primary, which prints it.
+async fn notify(
+    axum::extract::State(worker): axum::extract::State<corral::Worker>,
+    Query(params): Query<NotifyParams>,
+) -> String {
+    match worker.send(&params.text) {
+        Ok(()) => "sent\n".to_owned(),
+        Err(err) => format!("not sent: {err}\n"),
+    }
 }
 
 /// Blocks the whole event loop, as a careless synchronous call would.

@@ -369,3 +369,38 @@ fn cluster_unknown_flag_is_a_usage_error() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(log.lock().unwrap().contains("--no-such-flag"));
 }
+
+#[test]
+fn cluster_worker_messages_reach_the_primary_handler_in_order() {
+    let cluster = Cluster::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
+    for n in 0..20 {
+        let (status, body) = cluster.get(&format!("/notify?text=ping-{n}")).unwrap();
+        assert_eq!((status, body.as_str()), (200, "sent\n"));
+    }
+    assert!(support::wait_until(Duration::from_secs(10), || cluster
+        .stdout()
+        .iter()
+        .filter(|line| line.contains("says \"ping-"))
+        .count()
+        == 20));
+    // Ordered per sender: each worker's pings arrive in increasing order.
+    let mut per_worker: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for line in cluster.stdout() {
+        let Some((who, said)) = line.split_once(" says ") else {
+            continue;
+        };
+        let n = said
+            .trim_matches('"')
+            .trim_start_matches("ping-")
+            .parse()
+            .unwrap();
+        per_worker.entry(who.to_owned()).or_default().push(n);
+    }
+    assert_eq!(per_worker.values().map(Vec::len).sum::<usize>(), 20);
+    for (who, numbers) in &per_worker {
+        assert!(
+            numbers.windows(2).all(|w| w[0] < w[1]),
+            "{who}: {numbers:?}"
+        );
+    }
+}

@@ -38,9 +38,9 @@ pub struct ClusterArgs {
     #[arg(short, long, value_name = "N|max", default_value = "max")]
     pub workers: Workers,
 
-    /// How connections are spread over the workers.
-    #[arg(long, value_enum, default_value_t = Balance::ReusePort)]
-    pub balance: Balance,
+    /// How connections are spread over the workers [default: reuseport].
+    #[arg(long, value_enum)]
+    pub balance: Option<Balance>,
 
     /// Read a PROXY protocol v1/v2 header on each connection (accept-and-pass modes).
     #[arg(long)]
@@ -80,8 +80,10 @@ impl ClusterArgs {
     pub fn builder(&self) -> ClusterBuilder {
         let mut builder = crate::Cluster::builder()
             .workers(self.workers)
-            .balance(self.balance)
             .proxy_protocol(self.proxy_protocol);
+        if let Some(balance) = self.balance {
+            builder = builder.balance(balance);
+        }
         for addr in &self.listen {
             builder = builder.listen(addr.clone());
         }

@@ -260,6 +260,32 @@ impl ClusterBuilder {
         self
     }
 
+    /// Threads of each worker's CPU pool ([`Worker::pool`](crate::Worker::pool)).
+    /// Default: the cores divided by the number of workers (at least one), so
+    /// the whole cluster uses every core once without oversubscribing.
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().pool_threads(2);
+    /// # drop(b);
+    /// ```
+    pub fn pool_threads(mut self, threads: usize) -> Self {
+        self.config.pool_threads = Some(threads.max(1));
+        self
+    }
+
+    /// Tasks each worker's pool queues beyond its running ones before
+    /// `try_run` rejects with [`PoolError::QueueFull`](crate::pool::PoolError::QueueFull)
+    /// (default: the pool's own default).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().pool_queue(64);
+    /// # drop(b);
+    /// ```
+    pub fn pool_queue(mut self, tasks: usize) -> Self {
+        self.config.pool_queue = Some(tasks);
+        self
+    }
+
     /// Whether corral installs a `tracing` subscriber that writes to stderr,
     /// each line tagged with the process's role, slot and pid (default true;
     /// set to false to install your own).

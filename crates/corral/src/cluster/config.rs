@@ -140,6 +140,8 @@ pub(crate) struct Config {
     pub crash_loop_limit: u32,
     pub stable_after: Duration,
     pub logging: bool,
+    pub pool_threads: Option<usize>,
+    pub pool_queue: Option<usize>,
 }
 
 impl Default for Config {
@@ -163,6 +165,8 @@ impl Default for Config {
             crash_loop_limit: 5,
             stable_after: Duration::from_secs(5),
             logging: true,
+            pool_threads: None,
+            pool_queue: None,
         }
     }
 }

@@ -17,9 +17,10 @@ use super::messages::{self, RawPublished, Subscription};
 use super::request_tracking::TrackRequestsLayer;
 use crate::error::{BoxError, Error, Result};
 use crate::ipc::{self, ToPrimary, ToWorker};
-use crate::metrics::{WorkerCounters, WorkerStats};
+use crate::metrics::{EventLoopDelay, WorkerCounters, WorkerStats};
 use crate::net::fd_passing::{ConnectionReceiver, PassedConnection};
 use crate::net::{Listener, PassedQueue};
+use crate::pool::Pool;
 
 /// Environment variables the primary sets for each worker.
 pub(crate) const ENV_SLOT: &str = "CORRAL_WORKER_SLOT";
@@ -100,6 +101,8 @@ struct Shared {
     slot: usize,
     generation: u64,
     sockets: Vec<std::net::TcpListener>,
+    pool: Pool,
+    loop_delay: EventLoopDelay,
     passed: PassedQueue,
     /// Connections received from the primary and not yet accepted.
     passed_pending: Arc<AtomicUsize>,
@@ -117,6 +120,13 @@ struct Shared {
 }
 
 impl Shared {
+    fn stats(&self) -> WorkerStats {
+        let mut stats = self.counters.snapshot();
+        stats.event_loop_delay = self.loop_delay.snapshot();
+        stats.pool = self.pool.stats();
+        stats
+    }
+
     fn begin_drain(&self, why: &str) {
         if !self.draining.is_cancelled() {
             tracing::info!("draining: {why}");
@@ -267,9 +277,22 @@ impl Worker {
         Subscription::new(self.shared.broadcasts.subscribe())
     }
 
-    /// This worker's figures now.
+    /// This worker's CPU pool: run heavy work here so the event loop keeps
+    /// answering. Its threads run at a lower priority than the event loops
+    /// and are sized so all workers together use each core once.
+    ///
+    /// ```no_run
+    /// # async fn demo(worker: corral::Worker) -> Result<(), corral::pool::PoolError> {
+    /// let sum = worker.pool().run(|| (0..10_000_000u64).sum::<u64>()).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn pool(&self) -> &Pool {
+        &self.shared.pool
+    }
+
+    /// This worker's figures now (also sent to the primary with every heartbeat).
     pub fn stats(&self) -> WorkerStats {
-        self.shared.counters.snapshot()
+        self.shared.stats()
     }
 }
 
@@ -293,6 +316,15 @@ where
         let (to_primary, outbox) = mpsc::unbounded_channel();
         let (passed_tx, passed_rx) = mpsc::unbounded_channel();
         let connections = ConnectionReceiver::new(env.connections)?;
+        let mut pool = Pool::builder().threads(
+            config
+                .pool_threads
+                .unwrap_or_else(|| crate::pool::default_threads(Some(config.workers.count()))),
+        );
+        if let Some(queue) = config.pool_queue {
+            pool = pool.queue(queue);
+        }
+        let pool = pool.build()?;
         let shared = Arc::new(Shared {
             slot: env.slot,
             generation: env.generation,
@@ -301,6 +333,8 @@ where
                 .into_iter()
                 .map(std::net::TcpListener::from)
                 .collect(),
+            pool,
+            loop_delay: EventLoopDelay::start(),
             passed: Arc::new(tokio::sync::Mutex::new(passed_rx)),
             passed_pending: Arc::default(),
             passed_done: AtomicBool::new(false),
@@ -419,7 +453,7 @@ async fn heartbeat(shared: Arc<Shared>, config: Config) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let stats = shared.counters.snapshot();
+        let stats = shared.stats();
         if let Some(limit) = recycle_at {
             if !asked_to_recycle && stats.requests_total >= limit {
                 asked_to_recycle = true;

@@ -23,6 +23,10 @@ pub struct WorkerStats {
     pub connections_open: u64,
     /// Resident set size of the worker process, in bytes.
     pub rss_bytes: u64,
+    /// How late the event loop's timers fire (the loop's responsiveness).
+    pub event_loop_delay: crate::metrics::LoopDelayStats,
+    /// The worker's CPU pool.
+    pub pool: crate::pool::PoolStats,
 }
 
 /// The live counters behind [`WorkerStats`], shared by the listener, the
@@ -43,6 +47,7 @@ impl WorkerCounters {
             connections_total: self.connections_total.load(Ordering::Relaxed),
             connections_open: self.connections_open.load(Ordering::Relaxed),
             rss_bytes: resident_set_bytes().unwrap_or(0),
+            ..WorkerStats::default()
         }
     }
 }

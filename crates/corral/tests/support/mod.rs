@@ -11,21 +11,26 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The built `hello` example (cargo builds examples before running tests;
-/// build it here if it is missing, e.g. under a filtered build).
+/// The built `hello` example.
 pub fn hello_binary() -> PathBuf {
+    example_binary("hello")
+}
+
+/// A built example (cargo builds examples before running tests; build it
+/// here if it is missing, e.g. under a filtered build).
+pub fn example_binary(name: &str) -> PathBuf {
     let test_exe = std::env::current_exe().expect("test executable path");
     let profile_dir = test_exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target profile directory");
-    let binary = profile_dir.join("examples").join("hello");
+    let binary = profile_dir.join("examples").join(name);
     if !binary.exists() {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "corral", "--example", "hello"])
+            .args(["build", "-p", "corral", "--example", name])
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "building the hello example failed");
+        assert!(status.success(), "building the {name} example failed");
     }
     binary
 }
@@ -35,23 +40,35 @@ pub struct Cluster {
     pub child: Child,
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Cluster {
     /// Starts `hello` with these arguments and waits for its
     /// `listening on http://...` line.
     pub fn start(args: &[&str]) -> Cluster {
-        let (mut child, stderr) = spawn(args);
+        Self::start_example("hello", args)
+    }
+
+    /// Starts the named example and waits for its listening line.
+    pub fn start_example(name: &str, args: &[&str]) -> Cluster {
+        let (mut child, stderr) = spawn_example(name, args);
         let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
+                sink.lock().unwrap().push(line);
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
+        let mut first = None;
+        let started = wait_until(Duration::from_secs(30), || {
+            first = lines.lock().unwrap().first().cloned();
+            first.is_some()
+        });
+        let line = first
+            .filter(|_| started)
+            .unwrap_or_else(|| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
         let addr = line
             .split("listening on http://")
             .nth(1)
@@ -62,7 +79,13 @@ impl Cluster {
             child,
             addr,
             stderr,
+            stdout: lines,
         }
+    }
+
+    /// The lines the primary printed on stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> i32 {
@@ -115,8 +138,13 @@ impl Drop for Cluster {
 
 /// Starts `hello` without waiting for it to listen.
 pub fn spawn(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
+    spawn_example("hello", args)
+}
+
+/// Starts an example without waiting for it to listen.
+pub fn spawn_example(name: &str, args: &[&str]) -> (Child, Arc<Mutex<String>>) {
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(hello_binary())
+    let mut child = Command::new(example_binary(name))
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
