@@ -77,6 +77,9 @@ pub struct ServeArgs {
     /// also power loss.
     #[arg(long, value_enum, default_value = "normal")]
     pub synchronous: Synchronous,
+    /// Threads of each worker's CPU pool [default: cores / workers].
+    #[arg(long, value_name = "N")]
+    pub pool_threads: Option<usize>,
     /// Heavy tasks allowed to wait for the CPU pool before 503.
     #[arg(long, default_value_t = 16)]
     pub pool_queue: usize,
@@ -97,7 +100,7 @@ impl ServeArgs {
             max_settlement_bytes: self.max_settlement_bytes,
             max_document_bytes: self.max_document_bytes,
             synchronous: self.synchronous,
-            pool_threads: threads,
+            pool_threads: self.pool_threads.unwrap_or(threads),
             pool_queue: self.pool_queue,
             ..Config::new(self.data_dir.clone())
         })

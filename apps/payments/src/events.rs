@@ -6,17 +6,19 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
-/// One event: `{"type": "...", "data": {...}}` on the wire.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One event: `{"type": "...", ...fields}` on the wire (the fields of
+/// `data` sit beside `type`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     /// `payment.captured`, `settlement.progress` or `settlement.completed`.
     #[serde(rename = "type")]
     pub kind: String,
-    /// Event payload.
+    /// Event payload (a JSON object whose fields sit beside `type`).
+    #[serde(flatten)]
     pub data: Value,
 }
 
@@ -88,5 +90,42 @@ impl Events for LocalEvents {
 
     fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()
+    }
+}
+
+/// Events shared by the whole cluster through corral's broadcast: a
+/// subscriber on any worker sees every worker's events, in the order each
+/// worker published them.
+#[derive(Clone)]
+pub struct ClusterEvents {
+    worker: corral::Worker,
+    local: broadcast::Sender<Arc<Event>>,
+}
+
+impl ClusterEvents {
+    /// Starts relaying the cluster's events to this worker's subscribers.
+    /// Call from within the worker's event loop.
+    pub fn start(worker: corral::Worker) -> Self {
+        let (local, _) = broadcast::channel(1024);
+        let relay = local.clone();
+        let mut published = worker.subscribe::<Event>();
+        tokio::spawn(async move {
+            while let Some(published) = published.recv().await {
+                let _ = relay.send(Arc::new(published.message));
+            }
+        });
+        ClusterEvents { worker, local }
+    }
+}
+
+impl Events for ClusterEvents {
+    fn publish(&self, event: Event) {
+        if let Err(err) = self.worker.broadcast(&event) {
+            tracing::warn!("event {} not published: {err}", event.kind);
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.local.subscribe()
     }
 }

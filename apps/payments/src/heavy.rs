@@ -1,11 +1,11 @@
 //! The one door to CPU-heavy work.
 //!
 //! Handlers never run parsing, signature checks or image work on the event
-//! loop: they hand a closure to [`Heavy`]. Today it is backed by tokio's
-//! blocking threads with two semaphores (one bounds how many tasks run at once,
-//! one bounds running + queued tasks so overload is answered with 503 instead of
-//! an ever-growing queue). It mirrors `corral::pool::Pool` (`run`, `try_run`
-//! rejecting with a queue-full error) so it can be swapped for it later.
+//! loop: they hand a closure to [`Heavy`], which runs it on the worker's
+//! `corral::pool::Pool` (lower-priority threads; rayon inside a task uses the
+//! same threads). On top of the pool it keeps one admission bound, taken per
+//! request, so overload is decided per request: an admitted batch's chunks
+//! wait for the pool, and only new heavy requests are turned away with 503.
 
 use std::sync::Arc;
 
@@ -44,23 +44,40 @@ impl From<HeavyError> for crate::error::ApiError {
 pub struct Admission(OwnedSemaphorePermit);
 
 /// A bounded runner for CPU-heavy closures. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Heavy {
     /// Permits for tasks that are running or waiting to run.
     admitted: Arc<Semaphore>,
-    /// Permits for tasks running right now (one per pool thread).
-    running: Arc<Semaphore>,
+    pool: corral::pool::Pool,
     retry_after_secs: u64,
 }
 
+impl std::fmt::Debug for Heavy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heavy")
+            .field("available", &self.admitted.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Heavy {
-    /// A runner with `threads` concurrent tasks and room for `queue` more
-    /// waiting ones; `try_run` rejects beyond that.
-    pub fn new(threads: usize, queue: usize) -> Self {
-        let threads = threads.max(1);
+    /// A runner on a pool of its own with `threads` threads and room for
+    /// `queue` more waiting requests; `try_run` rejects beyond that.
+    pub fn new(threads: usize, queue: usize) -> std::io::Result<Self> {
+        let pool = corral::pool::Pool::builder()
+            .threads(threads.max(1))
+            .name("payments-heavy")
+            .build()?;
+        Ok(Self::with_pool(pool, queue))
+    }
+
+    /// A runner on an existing pool (a cluster worker's `worker.pool()`),
+    /// admitting as many requests as the pool has threads plus `queue`.
+    pub fn with_pool(pool: corral::pool::Pool, queue: usize) -> Self {
+        let threads = pool.stats().threads.max(1);
         Heavy {
             admitted: Arc::new(Semaphore::new(threads + queue)),
-            running: Arc::new(Semaphore::new(threads)),
+            pool,
             retry_after_secs: 1,
         }
     }
@@ -130,18 +147,10 @@ impl Heavy {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        // Waiting here is the queue. If the caller's future is dropped while
-        // waiting, the closure never starts.
-        let slot = self
-            .running
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| HeavyError::Failed(e.to_string()))?;
-        let task = tokio::task::spawn_blocking(move || {
-            let _permits = (admission, slot);
-            f()
-        });
-        task.await.map_err(|e| HeavyError::Failed(e.to_string()))
+        // If the caller's future is dropped while the task waits in the pool's
+        // queue, the pool drops the closure unrun.
+        let result = self.pool.run(f).await;
+        drop(admission);
+        result.map_err(|err| HeavyError::Failed(err.to_string()))
     }
 }

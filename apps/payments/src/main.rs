@@ -9,7 +9,10 @@
 use clap::{Parser, Subcommand};
 
 use payments::gen::{generate_batch, GenArgs};
-use payments::{AppState, Merchants, ServeArgs};
+use std::sync::Arc;
+
+use payments::events::ClusterEvents;
+use payments::{AppState, Heavy, Merchants, ServeArgs};
 
 #[derive(Parser)]
 #[command(
@@ -48,10 +51,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // bad file or an unwritable directory is reported before any worker starts.
     let config = cli.serve.to_config()?;
     if !corral::Cluster::is_worker() {
-        AppState::new(config.clone(), 0)?;
+        payments::Store::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
     }
-    cli.cluster.builder().run(move |worker| async move {
-        let state = AppState::new(config, worker.slot()).map_err(corral::BoxError::from)?;
+    let mut cluster = cli.cluster.builder().pool_queue(config.pool_queue);
+    if let Some(threads) = cli.serve.pool_threads {
+        cluster = cluster.pool_threads(threads);
+    }
+    cluster.run(move |worker| async move {
+        // Heavy work runs on the worker's corral pool; events travel through
+        // corral's broadcast so a subscriber on any worker sees them all.
+        let heavy = Heavy::with_pool(worker.pool().clone(), config.pool_queue)
+            .with_retry_after(config.retry_after_secs);
+        let events = Arc::new(ClusterEvents::start(worker.clone()));
+        let state = AppState::with_parts(config, worker.slot(), heavy, events)
+            .map_err(corral::BoxError::from)?;
         let _sweeper = payments::jobs::start_sweeper(&state);
         let app = payments::router(state).layer(worker.track_requests());
         axum::serve(worker.listener(), app)

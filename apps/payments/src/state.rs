@@ -35,10 +35,11 @@ impl std::fmt::Debug for AppState {
 }
 
 impl AppState {
-    /// State with the placeholder CPU pool sized from `config` and in-process
-    /// events. Opens (and if needed creates) the database.
+    /// State with a CPU pool of its own sized from `config` and in-process
+    /// events (one process, e.g. tests). Opens (and if needed creates) the
+    /// database.
     pub fn new(config: Config, slot: usize) -> Result<Self, StoreError> {
-        let heavy = Heavy::new(config.pool_threads, config.pool_queue)
+        let heavy = Heavy::new(config.pool_threads, config.pool_queue)?
             .with_retry_after(config.retry_after_secs);
         Self::with_parts(config, slot, heavy, Arc::new(LocalEvents::default()))
     }

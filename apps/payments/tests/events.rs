@@ -64,5 +64,7 @@ async fn payment_captured_reaches_websocket_subscribers() {
     let payment: Value = resp.json().await.expect("json");
     let event: Value = serde_json::from_str(&read_frame(&mut ws).await).expect("event json");
     assert_eq!(event["type"], "payment.captured");
-    assert_eq!(event["data"], payment);
+    let mut expected = payment.clone();
+    expected["type"] = serde_json::json!("payment.captured");
+    assert_eq!(event, expected);
 }

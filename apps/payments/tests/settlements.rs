@@ -389,7 +389,7 @@ async fn wait_done(s: &Server, location: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn async_batch_is_processing_then_done() {
     let dir = data_dir();
-    let heavy = Heavy::new(1, 4);
+    let heavy = Heavy::new(1, 4).expect("pool");
     let s = serve_with_heavy(config(dir.path()), heavy.clone()).await;
     // Hold the only pool thread so the job stays queued.
     let release = block_one(&heavy).await;
@@ -471,7 +471,7 @@ async fn async_batch_is_processing_then_done() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_turns_heavy_requests_away_only() {
     let dir = data_dir();
-    let heavy = Heavy::new(1, 0);
+    let heavy = Heavy::new(1, 0).expect("pool");
     let s = serve_with_heavy(config(dir.path()), heavy.clone()).await;
     let release = block_one(&heavy).await;
     let csv = format!("{HEADER}\n{}\n", line("o1", "acme", "1", "EUR"));
@@ -633,7 +633,7 @@ fn async_batch_survives_killing_every_process() {
         .enable_all()
         .build()
         .expect("runtime");
-    let heavy_a = Heavy::new(1, 4);
+    let heavy_a = Heavy::new(1, 4).expect("pool");
     let (location, release) = rt_a.block_on(async {
         let s = serve_with_heavy(cfg.clone(), heavy_a.clone()).await;
         let release = block_one(&heavy_a).await;
