@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Accept-and-pass balancing benchmark: hello-world throughput and p99 of
+# corral's round-robin and sticky modes against reuseport (kernel balancing),
+# with keep-alive and with a new connection per request, and the same for
+# Node's cluster module (round-robin), all side by side in one run.
+#
+# Usage: bench/balance.sh [SECONDS_PER_RUN]   (default 10; loopback only)
+# Needs wrk (apt-get install wrk) and node; builds corral in release mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+CONNS=${CONNS:-64}
+WORKERS=${WORKERS:-2}
+
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
+command -v node >/dev/null || { echo "node is missing" >&2; exit 1; }
+cargo build --release -q -p corral --example hello
+HELLO=target/release/examples/hello
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+start() { # start NAME CMD...: waits for the "listening on http://" line; sets ADDR, SERVER_PID
+  local name=$1; shift
+  setsid "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
+  SERVER_PID=$!
+  PIDS+=("$SERVER_PID")
+  for _ in $(seq 200); do
+    ADDR=$(grep -o 'listening on http://[0-9.:]*' "$TMP/$name.out" | head -1 | sed 's|listening on http://||') || true
+    [ -n "$ADDR" ] && return 0
+    sleep 0.05
+  done
+  echo "$name did not start:" >&2; cat "$TMP/$name.err" >&2; exit 1
+}
+stop() { kill -TERM -- "-$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
+to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) printf "%.2f", v/1000; else if (v ~ /ms$/) printf "%.2f", v+0; else if (v ~ /s$/) printf "%.2f", v*1000; else print v }'; }
+
+load() { # load EXTRA_WRK_ARGS...: prints "RPS P99_MS ERRORS"
+  local out rps p99 errs
+  out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency "$@" "http://$ADDR/")
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p99=$(to_ms "$(echo "$out" | awk '$1=="99%" {print $2}')")
+  errs=$(echo "$out" | awk '/Socket errors/ {gsub(",",""); print $4+$6+$8+$10; f=1} END {if (!f) print 0}')
+  echo "$rps $p99 $errs"
+}
+
+declare -A RESULT
+SERVERS=("corral reuseport" "corral round-robin" "corral sticky" "node cluster round-robin")
+command_for() {
+  case "$1" in
+    "corral reuseport") echo "$HELLO --listen 127.0.0.1:0 --workers $WORKERS --balance reuseport" ;;
+    "corral round-robin") echo "$HELLO --listen 127.0.0.1:0 --workers $WORKERS --balance round-robin" ;;
+    "corral sticky") echo "$HELLO --listen 127.0.0.1:0 --workers $WORKERS --balance sticky" ;;
+    "node cluster round-robin") echo "node bench/peers/node-cluster/server.js $WORKERS" ;;
+  esac
+}
+for server in "${SERVERS[@]}"; do
+  # shellcheck disable=SC2046
+  start "x" $(command_for "$server")
+  sleep 0.5
+  RESULT["$server|keep-alive"]=$(load)
+  RESULT["$server|new connection"]=$(load -H "Connection: close")
+  stop
+done
+
+echo
+echo "Machine: $(nproc) cores, $(lscpu | sed -n 's/Model name:[ ]*//p'), $(uname -sr); node $(node --version)"
+echo "Command: bench/balance.sh $SECS   (wrk -t2 -c$CONNS -d${SECS}s --latency; $WORKERS workers each)"
+echo
+echo "| server | connections | requests/s | p99 ms | socket errors |"
+echo "|---|---|---:|---:|---:|"
+for mode in "keep-alive" "new connection"; do
+  for server in "${SERVERS[@]}"; do
+    read -r rps p99 errs <<<"${RESULT["$server|$mode"]}"
+    echo "| $server | $mode | $rps | $p99 | $errs |"
+  done
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a/b }'; }
+rps() { echo "${RESULT["$1|$2"]}" | cut -d' ' -f1; }
+echo
+for mode in "keep-alive" "new connection"; do
+  echo "- $mode: round-robin / reuseport $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(rps "corral sticky" "$mode")" "$(rps "corral reuseport" "$mode")")x, corral round-robin / node cluster $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "node cluster round-robin" "$mode")")x, corral sticky / node cluster $(ratio "$(rps "corral sticky" "$mode")" "$(rps "node cluster round-robin" "$mode")")x"
+done
