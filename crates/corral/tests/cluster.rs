@@ -404,3 +404,52 @@ fn cluster_worker_messages_reach_the_primary_handler_in_order() {
         );
     }
 }
+
+#[test]
+fn cluster_worker_is_recycled_after_max_requests() {
+    let cluster = Cluster::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--max-requests",
+        "20",
+    ]);
+    let (_, first) = cluster.hello().unwrap();
+    let mut failures = 0;
+    let recycled = support::wait_until(Duration::from_secs(20), || match cluster.hello() {
+        Ok((_, pid)) => pid != first,
+        Err(_) => {
+            failures += 1;
+            false
+        }
+    });
+    assert!(recycled, "log:\n{}", cluster.stderr());
+    assert_eq!(failures, 0, "requests failed while recycling");
+    assert!(cluster.stderr().contains("served"), "{}", cluster.stderr());
+}
+
+#[test]
+fn cluster_sighup_runs_the_new_binary_on_disk() {
+    // Deploy the way people do: the program lives at a path, a new build is
+    // renamed over it, and SIGHUP rolls the workers onto it.
+    let dir = std::env::temp_dir().join(format!("corral-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let program = dir.join("service");
+    std::fs::copy(support::hello_binary(), &program).unwrap();
+    let mut cluster =
+        support::Cluster::start_program(&program, &["--listen", "127.0.0.1:0", "--workers", "2"]);
+    assert!(cluster.get("/").unwrap().1.starts_with("hello from worker"));
+
+    let staged = dir.join("service.new");
+    std::fs::copy(support::example_binary("chat"), &staged).unwrap();
+    std::fs::rename(&staged, &program).unwrap();
+    cluster.signal(Signal::SIGHUP);
+    let upgraded = support::wait_until(Duration::from_secs(30), || {
+        (0..10).all(|_| matches!(cluster.get("/"), Ok((200, body)) if body.contains("corral chat")))
+    });
+    assert!(upgraded, "log:\n{}", cluster.stderr());
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(cluster.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

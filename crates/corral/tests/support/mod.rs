@@ -52,7 +52,12 @@ impl Cluster {
 
     /// Starts the named example and waits for its listening line.
     pub fn start_example(name: &str, args: &[&str]) -> Cluster {
-        let (mut child, stderr) = spawn_example(name, args);
+        Self::start_program(&example_binary(name), args)
+    }
+
+    /// Starts a program and waits for its listening line.
+    pub fn start_program(program: &std::path::Path, args: &[&str]) -> Cluster {
+        let (mut child, stderr) = spawn_program(program, args);
         let stdout = child.stdout.take().expect("piped stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -143,8 +148,13 @@ pub fn spawn(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
 
 /// Starts an example without waiting for it to listen.
 pub fn spawn_example(name: &str, args: &[&str]) -> (Child, Arc<Mutex<String>>) {
+    spawn_program(&example_binary(name), args)
+}
+
+/// Starts a program without waiting for it to listen.
+pub fn spawn_program(program: &std::path::Path, args: &[&str]) -> (Child, Arc<Mutex<String>>) {
     use std::os::unix::process::CommandExt;
-    let mut child = Command::new(example_binary(name))
+    let mut child = Command::new(program)
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
