@@ -16,25 +16,8 @@ command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2
 command -v node >/dev/null || { echo "node is missing" >&2; exit 1; }
 cargo build --release -q -p corral --example hello
 HELLO=target/release/examples/hello
-TMP=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-
-start() { # start NAME CMD...: waits for the "listening on http://" line; sets ADDR, SERVER_PID
-  local name=$1; shift
-  setsid "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
-  SERVER_PID=$!
-  PIDS+=("$SERVER_PID")
-  for _ in $(seq 200); do
-    ADDR=$(grep -o 'listening on http://[0-9.:]*' "$TMP/$name.out" | head -1 | sed 's|listening on http://||') || true
-    [ -n "$ADDR" ] && return 0
-    sleep 0.05
-  done
-  echo "$name did not start:" >&2; cat "$TMP/$name.err" >&2; exit 1
-}
-stop() { kill -TERM -- "-$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
-to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) printf "%.2f", v/1000; else if (v ~ /ms$/) printf "%.2f", v+0; else if (v ~ /s$/) printf "%.2f", v*1000; else print v }'; }
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 load() { # load EXTRA_WRK_ARGS...: prints "RPS P99_MS ERRORS"
   local out rps p99 errs
@@ -76,7 +59,6 @@ for mode in "keep-alive" "new connection"; do
     echo "| $server | $mode | $rps | $p99 | $errs |"
   done
 done
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a/b }'; }
 rps() { echo "${RESULT["$1|$2"]}" | cut -d' ' -f1; }
 echo
 for mode in "keep-alive" "new connection"; do

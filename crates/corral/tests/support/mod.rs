@@ -259,34 +259,47 @@ pub fn parse_hello(status: u16, body: &str) -> std::io::Result<(usize, i32)> {
     ))
 }
 
-/// Live (not zombie) child processes of `parent`, read from /proc.
-pub fn children_of(parent: i32) -> Vec<i32> {
-    let mut children = Vec::new();
+/// One process as /proc/PID/stat describes it.
+struct ProcessEntry {
+    pid: i32,
+    zombie: bool,
+    parent: i32,
+    group: i32,
+}
+
+/// Every process on the machine.
+fn processes() -> Vec<ProcessEntry> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return children;
+        return Vec::new();
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command name: state, ppid, ...
-        let Some(after) = stat.rsplit_once(") ").map(|(_, after)| after) else {
-            continue;
-        };
-        let mut fields = after.split_whitespace();
-        let state = fields.next();
-        let ppid = fields.next().and_then(|p| p.parse::<i32>().ok());
-        if ppid == Some(parent) && state != Some("Z") {
-            children.push(pid);
-        }
-    }
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the parenthesised command name: state, ppid, pgrp, ...
+            let (_, after) = stat.rsplit_once(") ")?;
+            let mut fields = after.split_whitespace();
+            let zombie = fields.next()? == "Z";
+            let parent = fields.next()?.parse().ok()?;
+            let group = fields.next()?.parse().ok()?;
+            Some(ProcessEntry {
+                pid,
+                zombie,
+                parent,
+                group,
+            })
+        })
+        .collect()
+}
+
+/// Live (not zombie) child processes of `parent`.
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let mut children: Vec<i32> = processes()
+        .into_iter()
+        .filter(|p| p.parent == parent && !p.zombie)
+        .map(|p| p.pid)
+        .collect();
     children.sort_unstable();
     children
 }
@@ -302,31 +315,11 @@ pub fn process_alive(pid: i32) -> bool {
 
 /// Live (not zombie) processes in the process group `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    let mut members = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return members;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(after) = stat.rsplit_once(") ").map(|(_, after)| after) else {
-            continue;
-        };
-        // state, ppid, pgrp
-        let fields: Vec<&str> = after.split_whitespace().take(3).collect();
-        if fields.len() == 3 && fields[0] != "Z" && fields[2].parse() == Ok(pgid) {
-            members.push(pid);
-        }
-    }
-    members
+    processes()
+        .into_iter()
+        .filter(|p| p.group == pgid && !p.zombie)
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// An HTTP/1.1 client that keeps its connection open between requests, never
