@@ -34,6 +34,10 @@ struct Cli {
 enum Fault {
     /// Every worker exits with status 1 as soon as it starts (a crash loop).
     CrashOnStart,
+    /// Only slot 1's workers exit at start: slot 1 is given up on, the
+    /// others keep serving all the traffic.
+    #[value(name = "crash-slot-1")]
+    CrashSlot1,
     /// Workers never start serving (the ready timeout catches them).
     NeverReady,
     /// The first worker of slot 0 writes garbage on its IPC channel once ready.
@@ -63,6 +67,10 @@ fn main() -> corral::Result<()> {
             match fault {
                 Some(Fault::CrashOnStart) => {
                     eprintln!("hello: crashing at start, as asked by --fault crash-on-start");
+                    std::process::exit(1);
+                }
+                Some(Fault::CrashSlot1) if worker.slot() == 1 => {
+                    eprintln!("hello: slot 1 crashing at start, as asked by --fault crash-slot-1");
                     std::process::exit(1);
                 }
                 Some(Fault::NeverReady) => std::future::pending::<()>().await,

@@ -453,3 +453,41 @@ fn cluster_sighup_runs_the_new_binary_on_disk() {
     assert_eq!(cluster.wait_exit(Duration::from_secs(30)).code(), Some(0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cluster_a_slot_in_a_crash_loop_stops_taking_connections() {
+    for balance in ["reuseport", "sticky"] {
+        let (child, log) = support::spawn(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--balance",
+            balance,
+            "--fault",
+            "crash-slot-1",
+        ]);
+        let mut child = support::ChildGroup(child);
+        assert!(
+            support::wait_until(Duration::from_secs(30), || log
+                .lock()
+                .unwrap()
+                .contains("crash loop")),
+            "{}",
+            log.lock().unwrap()
+        );
+        // The primary goes on with slot 0, and new connections from many
+        // clients all reach it instead of queueing for slot 1.
+        let addr = support::first_listening_addr(&mut child.0);
+        for n in 2..42u8 {
+            let stream =
+                support::connect_from(std::net::Ipv4Addr::new(127, 0, 0, n), addr).unwrap();
+            let (status, body) = support::request_on(stream, addr, "/", b"").unwrap();
+            assert_eq!(
+                support::parse_hello(status, &body).unwrap().0,
+                0,
+                "{balance}"
+            );
+        }
+    }
+}

@@ -34,6 +34,9 @@ struct Target {
 struct SlotRoute {
     target: Option<Target>,
     waiting: VecDeque<(Instant, PassedConnection)>,
+    /// The supervisor gave up on this slot (crash loop): its clients go to
+    /// their next-best slot instead of waiting for a worker that won't come.
+    given_up: bool,
 }
 
 #[derive(Debug)]
@@ -55,7 +58,10 @@ impl Balancer {
     /// Sends a new connection to the slot the policy picks.
     pub fn route(&mut self, connection: PassedConnection) {
         let slot = match self.mode {
-            Balance::Sticky => sticky_slot(connection.header.client.ip(), self.slots.len()),
+            Balance::Sticky => {
+                let available = |slot: usize| !self.slots[slot].given_up;
+                sticky_slot_among(connection.header.client.ip(), self.slots.len(), available)
+            }
             Balance::LeastConnections => self.least_loaded(),
             _ => self.next_round_robin(),
         };
@@ -104,6 +110,24 @@ impl Balancer {
         {
             route.target = None;
         }
+    }
+
+    /// The slot is in a crash loop: its waiting connections go elsewhere.
+    pub fn slot_given_up(&mut self, slot: usize) {
+        self.slots[slot].given_up = true;
+        self.slots[slot].target = None;
+        let waiting = std::mem::take(&mut self.slots[slot].waiting);
+        if self.slots.iter().all(|route| route.given_up) {
+            return;
+        }
+        for (_, connection) in waiting {
+            self.route(connection);
+        }
+    }
+
+    /// The slot is being tried again (a reload).
+    pub fn slot_back(&mut self, slot: usize) {
+        self.slots[slot].given_up = false;
     }
 
     /// The open-connection count from a worker's heartbeat.
@@ -175,7 +199,11 @@ impl Balancer {
                 return slot;
             }
         }
-        let slot = self.next % count;
+        // No worker anywhere: wait at the next slot still being tried.
+        let slot = (0..count)
+            .map(|offset| (self.next + offset) % count)
+            .find(|&slot| !self.slots[slot].given_up)
+            .unwrap_or(self.next % count);
         self.next = (slot + 1) % count;
         slot
     }
@@ -204,14 +232,29 @@ impl Balancer {
 /// with the highest score for it. Changing the slot count from n to n+1 moves
 /// only the ~1/(n+1) clients the new slot wins, and a slot's restart moves no
 /// one.
+#[cfg(test)]
 pub(crate) fn sticky_slot(client: IpAddr, slots: usize) -> usize {
+    sticky_slot_among(client, slots, |_| true)
+}
+
+/// The same, among the slots `available` accepts (a slot given up on hands
+/// only its own clients to their second choice). With none available, the
+/// first choice.
+pub(crate) fn sticky_slot_among(
+    client: IpAddr,
+    slots: usize,
+    available: impl Fn(usize) -> bool,
+) -> usize {
     let key = match client {
         IpAddr::V4(ip) => u128::from(ip.to_ipv6_mapped()),
         IpAddr::V6(ip) => u128::from(ip.to_ipv4_mapped().map_or(ip, |v4| v4.to_ipv6_mapped())),
     };
-    (0..slots)
-        .max_by_key(|&slot| score(key, slot as u64))
-        .unwrap_or(0)
+    let best = |filter: &dyn Fn(usize) -> bool| {
+        (0..slots)
+            .filter(|&slot| filter(slot))
+            .max_by_key(|&slot| score(key, slot as u64))
+    };
+    best(&available).or_else(|| best(&|_| true)).unwrap_or(0)
 }
 
 /// A fixed, well-mixed 64-bit hash (splitmix64 finaliser) so every primary,
@@ -260,6 +303,19 @@ mod tests {
                 before == after || after == 4,
                 "a client moved between old slots"
             );
+        }
+    }
+
+    #[test]
+    fn sticky_moves_only_a_given_up_slots_clients() {
+        for client in clients() {
+            let first = sticky_slot(client, 4);
+            let without_2 = sticky_slot_among(client, 4, |slot| slot != 2);
+            if first == 2 {
+                assert_ne!(without_2, 2);
+            } else {
+                assert_eq!(without_2, first);
+            }
         }
     }
 

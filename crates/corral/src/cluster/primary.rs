@@ -135,7 +135,10 @@ impl Supervisor {
             return Ok(());
         };
         for (index, address) in self.bound.iter().enumerate() {
-            let socket: std::net::TcpListener = address.socket_for_slot(0).try_clone()?.into();
+            let Some(socket) = address.socket_for_slot(0) else {
+                continue;
+            };
+            let socket: std::net::TcpListener = socket.try_clone()?.into();
             socket.set_nonblocking(true)?;
             let listener = tokio::net::TcpListener::from_std(socket)?;
             self.acceptors.push(tokio::spawn(accept_and_pass(
@@ -522,6 +525,11 @@ impl Supervisor {
                 slot.failures
             );
             self.fail_reload(index);
+            // Stop new connections from queueing for a slot nobody serves.
+            for address in &mut self.bound {
+                address.close_slot(index);
+            }
+            self.with_balancer(|b| b.slot_given_up(index));
             if self.slots.iter().all(|slot| slot.gave_up) {
                 self.slots
                     .iter_mut()
@@ -529,6 +537,8 @@ impl Supervisor {
                     .for_each(WorkerProcess::kill);
                 return Flow::Exit(Err(Error::CrashLoop { detail: what }));
             }
+            // The remaining slots may be all that was awaited.
+            self.announce_when_serving();
             return Flow::Continue;
         }
         let delay = self.config.restart_delay(slot.failures);
@@ -639,6 +649,8 @@ impl Supervisor {
                 slot.gave_up = false;
                 slot.failures = 0;
                 slot.restart_at = None;
+                self.with_balancer(|b| b.slot_back(index));
+                let slot = &mut self.slots[index];
                 if slot.current.is_none() && slot.replacement.is_none() {
                     if let Flow::Exit(result) = self.fill_slot(index) {
                         return Flow::Exit(result);
@@ -696,9 +708,13 @@ impl Supervisor {
         let listeners: Vec<_> = if self.balancer.is_some() {
             Vec::new()
         } else {
+            for address in &mut self.bound {
+                address.reopen_slot(index)?;
+            }
             self.bound
                 .iter()
-                .map(|address| address.socket_for_slot(index).as_raw_fd())
+                .filter_map(|address| address.socket_for_slot(index))
+                .map(AsRawFd::as_raw_fd)
                 .collect()
         };
         let spawned = spawn_worker(&self.program, &self.args, index, generation, &listeners)

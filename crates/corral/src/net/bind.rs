@@ -16,14 +16,34 @@ const BACKLOG: i32 = 1024;
 pub(crate) struct BoundAddress {
     /// The real address, with the actual port when port 0 was asked for.
     pub local: SocketAddr,
-    /// One socket per slot in `ReusePort` mode, a single shared one otherwise.
-    sockets: Vec<Socket>,
+    /// One socket per slot in `ReusePort` mode, a single shared one otherwise;
+    /// `None` for a slot given up on.
+    sockets: Vec<Option<Socket>>,
 }
 
 impl BoundAddress {
     /// The socket the worker in `slot` inherits.
-    pub fn socket_for_slot(&self, slot: usize) -> &Socket {
-        &self.sockets[slot % self.sockets.len()]
+    pub fn socket_for_slot(&self, slot: usize) -> Option<&Socket> {
+        self.sockets[slot % self.sockets.len()].as_ref()
+    }
+
+    /// Closes a slot's own socket (`ReusePort` mode) so the kernel stops
+    /// queueing that slot's share of new connections where no worker will
+    /// ever accept them; the other slots' sockets take it over.
+    pub fn close_slot(&mut self, slot: usize) {
+        if self.sockets.len() > 1 {
+            self.sockets[slot] = None;
+        }
+    }
+
+    /// Binds a closed slot's socket again, joining the `SO_REUSEPORT` group.
+    pub fn reopen_slot(&mut self, slot: usize) -> Result<()> {
+        if self.sockets.len() > 1 && self.sockets[slot].is_none() {
+            let socket =
+                listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
+            self.sockets[slot] = Some(socket);
+        }
+        Ok(())
     }
 }
 
@@ -81,18 +101,20 @@ fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<Boun
     };
     let reuse_port = count > 1;
     let sockets = (0..count)
-        .map(|_| {
-            let socket = new_socket(actual, reuse_port)?;
-            socket.bind(&actual.into())?;
-            socket.listen(BACKLOG)?;
-            Ok(socket)
-        })
+        .map(|_| listening_socket(actual, reuse_port).map(Some))
         .collect::<io::Result<Vec<_>>>()
         .map_err(|err| bind_error(actual, err))?;
     Ok(BoundAddress {
         local: actual,
         sockets,
     })
+}
+
+fn listening_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let socket = new_socket(addr, reuse_port)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket)
 }
 
 fn new_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
@@ -137,9 +159,22 @@ mod tests {
         let port = bound[0].local.port();
         assert_ne!(port, 0);
         for slot in 0..3 {
-            let socket_port = local_addr(bound[0].socket_for_slot(slot)).unwrap().port();
+            let socket_port = local_addr(bound[0].socket_for_slot(slot).unwrap())
+                .unwrap()
+                .port();
             assert_eq!(socket_port, port);
         }
+    }
+
+    #[test]
+    fn a_closed_slot_can_rejoin_the_group() {
+        let mut bound = bind_all(&["127.0.0.1:0".to_owned()], 2, Balance::ReusePort).unwrap();
+        let address = &mut bound[0];
+        address.close_slot(1);
+        assert!(address.socket_for_slot(1).is_none());
+        address.reopen_slot(1).unwrap();
+        let reopened = local_addr(address.socket_for_slot(1).unwrap()).unwrap();
+        assert_eq!(reopened, address.local);
     }
 
     #[test]

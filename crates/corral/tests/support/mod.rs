@@ -399,3 +399,37 @@ impl KeepAliveClient {
         Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
     }
 }
+
+/// A child process whose whole group is killed when dropped.
+pub struct ChildGroup(pub Child);
+
+impl Drop for ChildGroup {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads the child's stdout up to its first `listening on http://` line
+/// (at most 30 s).
+pub fn first_listening_addr(child: &mut Child) -> SocketAddr {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let line = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find(|line| line.contains("listening on http://"));
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .ok()
+        .flatten()
+        .expect("a listening line within 30 s");
+    line.split("listening on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .expect("an address in the listening line")
+}
