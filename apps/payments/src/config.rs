@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// also power loss.
     #[arg(long, value_enum, default_value = "normal")]
     pub synchronous: Synchronous,
+    /// CPU pool threads per worker process: heavy tasks run at once, and
+    /// threads checking one settlement batch in parallel. 0 = one per core.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub pool_threads: usize,
     /// Heavy tasks allowed to wait for the CPU pool before 503.
     #[arg(long, default_value_t = 16)]
     pub pool_queue: usize,
@@ -89,9 +93,12 @@ impl ServeArgs {
             Some(path) => Merchants::load(path)?,
             None => Merchants::demo(),
         };
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let threads = match self.pool_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        };
         Ok(Config {
             merchants,
             max_settlement_bytes: self.max_settlement_bytes,

@@ -49,6 +49,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = cli.serve.to_config()?;
     if !corral::Cluster::is_worker() {
         AppState::new(config.clone(), 0)?;
+    } else {
+        // Settlement chunks are checked on rayon's global pool; size it like
+        // the heavy runner so `--pool-threads` bounds the CPU threads a worker
+        // uses (rayon would otherwise start one per core in every worker).
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(config.pool_threads)
+            .build_global()?;
     }
     cli.cluster.builder().run(move |worker| async move {
         let state = AppState::new(config, worker.slot()).map_err(corral::BoxError::from)?;
