@@ -550,3 +550,41 @@ fn sigterm_stops_every_process_with_status_0() {
         group_members(pgid)
     );
 }
+
+#[test]
+fn events_from_one_worker_reach_a_subscriber_on_the_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = Cluster::start(dir.path(), &[]);
+    // Keep-alive connections remember their worker: find one on each.
+    let mut subscriber = Conn::open(cluster.addr).expect("connect");
+    let subscriber_slot = subscriber.slot();
+    let mut publisher = None;
+    for _ in 0..200 {
+        let mut conn = Conn::open(cluster.addr).expect("connect");
+        if conn.slot() != subscriber_slot {
+            publisher = Some(conn);
+            break;
+        }
+    }
+    let mut publisher = publisher.expect("a connection on the other worker");
+    let mut events = subscriber.upgrade_to_websocket("/v1/events");
+
+    let answer = publisher
+        .request(
+            "POST",
+            "/v1/payments",
+            &[
+                ("Idempotency-Key", "cross-worker-event"),
+                ("Content-Type", "application/json"),
+            ],
+            br#"{"merchant_id":"acme","amount":4200,"currency":"EUR","reference":"ws"}"#,
+        )
+        .expect("POST /v1/payments");
+    assert_eq!(answer.status, 201);
+    let payment = answer.json();
+
+    let event: Value = serde_json::from_str(&read_text_frame(&mut events)).expect("event json");
+    assert_eq!(event["type"], "payment.captured");
+    assert_eq!(event["id"], payment["id"]);
+    assert_eq!(event["amount"], 4200);
+}

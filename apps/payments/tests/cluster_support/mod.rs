@@ -324,6 +324,33 @@ impl Conn {
         })
     }
 
+    /// Upgrades this connection to a WebSocket on `path` and returns the raw
+    /// stream, positioned after the `101` answer.
+    pub fn upgrade_to_websocket(mut self, path: &str) -> BufReader<TcpStream> {
+        let handshake = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            self.host
+        );
+        self.stream
+            .get_mut()
+            .write_all(handshake.as_bytes())
+            .expect("send the handshake");
+        let mut status = String::new();
+        self.stream
+            .read_line(&mut status)
+            .expect("handshake answer");
+        assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).expect("handshake headers");
+            if line.trim_end().is_empty() {
+                break;
+            }
+        }
+        self.stream
+    }
+
     /// The worker slot serving this connection, from `/health`.
     pub fn slot(&mut self) -> u64 {
         let answer = self
@@ -362,3 +389,26 @@ pub fn signed_line(id: &str, merchant: &str, amount: u64, currency: &str) -> Str
 }
 
 pub const CSV_HEADER: &str = "id,merchant_id,amount,currency,signature";
+
+/// Reads one unfragmented server text frame (servers do not mask).
+pub fn read_text_frame(stream: &mut BufReader<TcpStream>) -> String {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).expect("frame head");
+    assert_eq!(head[0], 0x81, "a final text frame");
+    let length = match head[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            stream.read_exact(&mut b).expect("length");
+            u64::from(u16::from_be_bytes(b))
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            stream.read_exact(&mut b).expect("length");
+            u64::from_be_bytes(b)
+        }
+        n => u64::from(n),
+    };
+    let mut payload = vec![0u8; length as usize];
+    stream.read_exact(&mut payload).expect("payload");
+    String::from_utf8(payload).expect("utf-8")
+}
