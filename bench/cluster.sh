@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Clustering benchmark: throughput and p99 of the `hello` example with 1 and 2
-# workers against a single-process tokio multi-thread hyper server, side by
-# side in one run; idle worker RSS; time to replace a killed worker.
+# workers against single-process tokio multi-thread servers (raw hyper, and
+# axum, the framework the example uses), side by side in one run; idle worker
+# RSS; time to replace a killed worker.
 #
 # Usage: bench/cluster.sh [SECONDS_PER_RUN]   (default 10; loopback only)
 # Needs wrk (apt-get install wrk); builds everything in release mode.
@@ -15,6 +16,7 @@ cargo build --release -q -p corral --example hello
 cargo build --release -q -p corral-bench
 HELLO=target/release/examples/hello
 PLAIN=target/release/plain_hyper
+AXUM=target/release/plain_axum
 RESPAWN=target/release/respawn_time
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
@@ -44,6 +46,7 @@ for path in "/" "/work?us=200"; do
   run "corral hello, 1 worker"  "$path" "$HELLO" --listen 127.0.0.1:0 --workers 1
   run "corral hello, 2 workers" "$path" "$HELLO" --listen 127.0.0.1:0 --workers 2
   run "plain tokio+hyper, 1 process (multi-thread)" "$path" "$PLAIN" 127.0.0.1:0
+  run "plain tokio+axum, 1 process (multi-thread)" "$path" "$AXUM" 127.0.0.1:0
 done
 
 # Idle worker RSS
@@ -61,7 +64,7 @@ echo
 echo "| server | path | requests/s | p99 ms |"
 echo "|---|---|---:|---:|"
 for path in "/" "/work?us=200"; do
-  for label in "corral hello, 1 worker" "corral hello, 2 workers" "plain tokio+hyper, 1 process (multi-thread)"; do
+  for label in "corral hello, 1 worker" "corral hello, 2 workers" "plain tokio+hyper, 1 process (multi-thread)" "plain tokio+axum, 1 process (multi-thread)"; do
     read -r rps p99 <<<"${RESULT["$label|$path"]}"
     echo "| $label | \`$path\` | $rps | $p99 |"
   done
@@ -70,8 +73,10 @@ one=$(echo "${RESULT["corral hello, 1 worker|/work?us=200"]}" | cut -d' ' -f1)
 two=$(echo "${RESULT["corral hello, 2 workers|/work?us=200"]}" | cut -d' ' -f1)
 two_hello=$(echo "${RESULT["corral hello, 2 workers|/"]}" | cut -d' ' -f1)
 plain_hello=$(echo "${RESULT["plain tokio+hyper, 1 process (multi-thread)|/"]}" | cut -d' ' -f1)
+axum_hello=$(echo "${RESULT["plain tokio+axum, 1 process (multi-thread)|/"]}" | cut -d' ' -f1)
 echo
 echo "- /work?us=200 scaling, 2 workers / 1 worker: $(ratio "$two" "$one")x (target >= 1.8x)"
 echo "- hello world, corral 2 workers / plain hyper: $(ratio "$two_hello" "$plain_hello")x (target >= 0.95x)"
+echo "- hello world, corral 2 workers / plain axum (same framework as the example): $(ratio "$two_hello" "$axum_hello")x"
 echo "- idle worker RSS: $((RSS_KB / 1024)) MiB ($RSS_KB KiB; target <= 10 MiB)"
 echo "- killed worker replaced and serving: $RESPAWN_LINE (target median <= 50 ms)"
