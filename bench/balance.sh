@@ -15,6 +15,9 @@ WORKERS=${WORKERS:-2}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 command -v node >/dev/null || { echo "node is missing" >&2; exit 1; }
 cargo build --release -q -p corral --example hello
+cargo build --release -q -p corral-bench --bin loadgen
+LOADGEN=target/release/loadgen
+SOURCES=${SOURCES:-32}
 HELLO=target/release/examples/hello
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
@@ -28,7 +31,7 @@ load() { # load EXTRA_WRK_ARGS...: prints "RPS P99_MS ERRORS"
   echo "$rps $p99 $errs"
 }
 
-declare -A RESULT
+declare -A RESULT MANY
 SERVERS=("corral reuseport" "corral round-robin" "corral sticky" "node cluster round-robin")
 command_for() {
   case "$1" in
@@ -44,6 +47,11 @@ for server in "${SERVERS[@]}"; do
   sleep 0.5
   RESULT["$server|keep-alive"]=$(load)
   RESULT["$server|new connection"]=$(load -H "Connection: close")
+  # The same from $SOURCES client addresses, so sticky has clients to spread.
+  for mode in keep-alive new-connection; do
+    out=$("$LOADGEN" "$ADDR" "$SECS" "$CONNS" "$SOURCES" "$mode")
+    MANY["$server|$mode"]=$(echo "$out" | sed -E 's/requests_per_s=([0-9.]+) p50_ms=([0-9.]+) p99_ms=([0-9.]+) errors=([0-9]+)/\1 \3 \4/')
+  done
   stop
 done
 
@@ -63,4 +71,21 @@ rps() { echo "${RESULT["$1|$2"]}" | cut -d' ' -f1; }
 echo
 for mode in "keep-alive" "new connection"; do
   echo "- $mode: round-robin / reuseport $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(rps "corral sticky" "$mode")" "$(rps "corral reuseport" "$mode")")x, corral round-robin / node cluster $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "node cluster round-robin" "$mode")")x, corral sticky / node cluster $(ratio "$(rps "corral sticky" "$mode")" "$(rps "node cluster round-robin" "$mode")")x"
+done
+
+echo
+echo "Many clients: bench/src/bin/loadgen.rs, $CONNS connections from $SOURCES loopback addresses, ${SECS}s"
+echo
+echo "| server | connections | requests/s | p99 ms | errors |"
+echo "|---|---|---:|---:|---:|"
+for mode in keep-alive new-connection; do
+  for server in "${SERVERS[@]}"; do
+    read -r rps p99 errs <<<"${MANY["$server|$mode"]}"
+    echo "| $server | $mode | $rps | $p99 | $errs |"
+  done
+done
+many() { echo "${MANY["$1|$2"]}" | cut -d' ' -f1; }
+echo
+for mode in keep-alive new-connection; do
+  echo "- $mode, many clients: round-robin / reuseport $(ratio "$(many "corral round-robin" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(many "corral sticky" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / node cluster $(ratio "$(many "corral sticky" "$mode")" "$(many "node cluster round-robin" "$mode")")x"
 done
