@@ -1,8 +1,13 @@
 # Shared helpers of the benchmark scripts (sourced, not run).
 
 TMP=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
+PIDS=() # servers, each leading its own process group
+BG=()   # other background jobs (load clients)
+cleanup() {
+  for p in "${BG[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
 trap cleanup EXIT
 
 # start NAME CMD... : starts a server in its own process group, waits for its
@@ -12,7 +17,7 @@ start() {
   setsid "$@" >"$TMP/$name.out" 2>"$TMP/$name.err" &
   SERVER_PID=$!
   PIDS+=("$SERVER_PID")
-  for _ in $(seq 200); do
+  for _ in $(seq 600); do
     ADDR=$(grep -o 'listening on http://[0-9.:]*' "$TMP/$name.out" | head -1 | sed 's|listening on http://||') || true
     [ -n "$ADDR" ] && return 0
     sleep 0.05

@@ -28,36 +28,15 @@ cargo build --release -q -p payments
 cargo build --release -q -p corral-bench --bin payments_verify
 PAY=target/release/payments
 VERIFY=target/release/payments_verify
-TMP=$(mktemp -d)
-PIDS=()
-BG=()
-cleanup() {
-  for p in "${BG[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do kill -KILL -- "-$p" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# start NAME ARGS...: a payments cluster on a fresh data dir, in its own
-# process group; waits for its "listening on" line, sets ADDR and SERVER_PID.
-start() {
+# start_pay NAME ARGS...: a payments cluster on a fresh data dir.
+start_pay() {
   local name=$1; shift
-  setsid "$PAY" --listen 127.0.0.1:0 --data-dir "$TMP/data-$name" "$@" \
-    >"$TMP/$name.out" 2>"$TMP/$name.err" &
-  SERVER_PID=$!
-  PIDS+=("$SERVER_PID")
-  for _ in $(seq 600); do
-    ADDR=$(grep -o 'listening on http://[0-9.:]*' "$TMP/$name.out" | head -1 | sed 's|listening on http://||') || true
-    [ -n "$ADDR" ] && return 0
-    sleep 0.1
-  done
-  echo "$name did not start:" >&2; cat "$TMP/$name.err" >&2; exit 1
+  start "$name" "$PAY" --listen 127.0.0.1:0 --data-dir "$TMP/data-$name" "$@"
 }
-stop() { kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
-
-# to_ms VALUE: wrk prints latencies as 812.00us, 1.23ms or 1.02s
-to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) printf "%.2f", v/1000; else if (v ~ /ms$/) printf "%.2f", v+0; else if (v ~ /s$/) printf "%.2f", v*1000; else print v }'; }
 
 # Fresh batches (distinct ids per seed, so every run settles every line).
 echo "generating $ROUNDS batches of $LINES lines..." >&2
@@ -78,7 +57,7 @@ post_batch() {
 # (a) end to end, one batch at a time, best and median of ROUNDS.
 declare -A BEST MEDIAN
 for t in 1 "$NPROC"; do
-  start "pool$t" --workers max --pool-threads "$t"
+  start_pay "pool$t" --workers max --pool-threads "$t"
   rates=()
   for s in $(seq "$ROUNDS"); do
     secs=$(post_batch "$TMP/batch$s.csv")
@@ -105,7 +84,7 @@ health() { # prints "P50_MS P99_MS MAX_MS RPS"
        "$(to_ms "$(echo "$out" | awk '$1=="Latency" {print $4}')")" \
        "$(echo "$out" | awk '/Requests\/sec/ {print $2}')"
 }
-start health --workers max
+start_pay health --workers max
 curl -s "http://$ADDR/health" >/dev/null
 read -r IDLE_P50 IDLE_P99 IDLE_MAX IDLE_RPS < <(health)
 : >"$TMP/batches_done"
@@ -129,7 +108,7 @@ BG=()
 stop
 
 # (c) payments created per second.
-start pay --workers max
+start_pay pay --workers max
 curl -s "http://$ADDR/health" >/dev/null
 PAY_OUT=$(RUN_ID=$$ wrk -t2 -c"$CONNS" -d"${SECS}s" --latency -s bench/payments_wrk.lua "http://$ADDR/v1/payments")
 stop
