@@ -219,11 +219,36 @@ fn cluster_sighup_reloads_every_worker_with_zero_failed_requests() {
 fn cluster_sigterm_finishes_in_flight_requests_and_leaves_no_process() {
     let mut cluster = Cluster::start(&["--listen", "127.0.0.1:0", "--workers", "2"]);
     let addr = cluster.addr;
-    let in_flight: Vec<_> = (0..4)
-        .map(|_| std::thread::spawn(move || support::get_once(addr, "/block?ms=1500")))
+    // Connect and send first, so every request is queued before the signal...
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(
+                &mut stream,
+                format!("GET /block?ms=1500 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+            stream
+        })
         .collect();
-    // Long enough for the requests to be accepted; they take 1.5 s to answer.
-    std::thread::sleep(Duration::from_millis(500));
+    // ...and wait until the workers have accepted all of them (the listening
+    // sockets' accept queues are empty), so they are in flight, not queued.
+    assert!(support::wait_until(
+        Duration::from_secs(10),
+        || support::accept_queue_len(addr.port()) == 0
+    ));
+    let in_flight: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            std::thread::spawn(move || {
+                stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                let mut response = String::new();
+                std::io::Read::read_to_string(&mut stream, &mut response)?;
+                support::parse_response(&response)
+            })
+        })
+        .collect();
     cluster.signal(Signal::SIGTERM);
     for request in in_flight {
         let (status, body) = request
@@ -490,4 +515,19 @@ fn cluster_a_slot_in_a_crash_loop_stops_taking_connections() {
             );
         }
     }
+}
+
+#[test]
+fn cluster_support_reads_accept_queues() {
+    // The SIGTERM test relies on this probe; check it sees a queued connection.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    assert_eq!(support::accept_queue_len(port), 0);
+    let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    assert!(support::wait_until(
+        Duration::from_secs(5),
+        || support::accept_queue_len(port) == 1
+    ));
+    let _ = listener.accept().unwrap();
+    assert_eq!(support::accept_queue_len(port), 0);
 }

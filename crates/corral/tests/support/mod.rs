@@ -433,3 +433,26 @@ pub fn first_listening_addr(child: &mut Child) -> SocketAddr {
         .and_then(|addr| addr.parse().ok())
         .expect("an address in the listening line")
 }
+
+/// Connections waiting in the accept queues of the listening sockets on
+/// `port` (IPv4), from /proc/net/tcp: for a listening socket the "rx_queue"
+/// column is its accept backlog.
+pub fn accept_queue_len(port: u16) -> u64 {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return 0;
+    };
+    let port_hex = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
+            if !local.ends_with(&port_hex) || *state != "0A" {
+                return None;
+            }
+            let rx = queues.split(':').nth(1)?;
+            u64::from_str_radix(rx, 16).ok()
+        })
+        .sum()
+}
