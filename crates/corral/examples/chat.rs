@@ -19,6 +19,7 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
 use clap::Parser;
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -52,10 +53,10 @@ fn main() -> corral::Result<()> {
     }
     cluster.run(|worker| async move {
         let (local, _) = broadcast::channel(1024);
-        let mut lines = worker.subscribe::<ChatLine>();
+        let mut lines = worker.subscribe::<ChatLine>().into_stream();
         let fan_out = local.clone();
         tokio::spawn(async move {
-            while let Some(published) = lines.recv().await {
+            while let Some(published) = lines.next().await {
                 if let Ok(json) = serde_json::to_string(&published.message) {
                     // No client connected here yet is fine.
                     let _ = fan_out.send(json.into());

@@ -87,6 +87,32 @@ impl<T: DeserializeOwned> Subscription<T> {
         }
     }
 
+    /// The messages as a [`Stream`](futures_util::Stream), for combinators
+    /// and `select!`-style code.
+    ///
+    /// ```no_run
+    /// use futures_util::StreamExt;
+    /// # async fn demo(worker: corral::Worker) {
+    /// let mut lines = worker.subscribe::<String>().into_stream().take(10);
+    /// while let Some(published) = lines.next().await {
+    ///     println!("{}: {}", published.from_slot, published.message);
+    /// }
+    /// # }
+    /// ```
+    pub fn into_stream(self) -> futures_util::stream::BoxStream<'static, Published<T>>
+    where
+        T: Send + 'static,
+    {
+        // Boxed so callers can use `next()` without pinning it themselves.
+        Box::pin(futures_util::stream::unfold(
+            self,
+            |mut subscription| async move {
+                let next = subscription.recv().await?;
+                Some((next, subscription))
+            },
+        ))
+    }
+
     /// The next message; `None` once the worker is shutting down. Messages
     /// that do not decode as `T` are skipped with a warning.
     pub async fn recv(&mut self) -> Option<Published<T>> {
