@@ -46,6 +46,10 @@ pub struct ClusterArgs {
     #[arg(long)]
     pub proxy_protocol: bool,
 
+    /// Serve /status, /metrics and a dashboard on this address (e.g. 127.0.0.1:9090).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub admin: Option<String>,
+
     /// Kill and replace a worker whose event loop sends no heartbeat for this long (e.g. 5s, 500ms).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub heartbeat_timeout: Option<Duration>,
@@ -95,6 +99,9 @@ impl ClusterArgs {
         }
         if let Some(timeout) = self.shutdown_timeout {
             builder = builder.shutdown_timeout(timeout);
+        }
+        if let Some(admin) = &self.admin {
+            builder = builder.admin(admin.clone());
         }
         if let Some(uptime) = self.min_uptime {
             builder = builder.min_uptime(uptime);

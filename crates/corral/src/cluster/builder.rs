@@ -286,6 +286,20 @@ impl ClusterBuilder {
         self
     }
 
+    /// Serves the primary's admin pages on this address: `/status` (JSON),
+    /// `/metrics` (Prometheus) and `/` (a live dashboard) with every worker's
+    /// requests, connections, memory, event-loop delay and pool figures from
+    /// its last heartbeat. Off by default; keep it on loopback.
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().admin("127.0.0.1:9090");
+    /// # drop(b);
+    /// ```
+    pub fn admin(mut self, addr: impl Into<String>) -> Self {
+        self.config.admin = Some(addr.into());
+        self
+    }
+
     /// Whether corral installs a `tracing` subscriber that writes to stderr,
     /// each line tagged with the process's role, slot and pid (default true;
     /// set to false to install your own).

@@ -142,6 +142,7 @@ pub(crate) struct Config {
     pub logging: bool,
     pub pool_threads: Option<usize>,
     pub pool_queue: Option<usize>,
+    pub admin: Option<String>,
 }
 
 impl Default for Config {
@@ -167,6 +168,7 @@ impl Default for Config {
             logging: true,
             pool_threads: None,
             pool_queue: None,
+            admin: None,
         }
     }
 }

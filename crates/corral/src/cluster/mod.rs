@@ -1,5 +1,6 @@
 //! Clustering: the builder, the primary (supervisor) and the worker side.
 
+mod admin;
 #[cfg(feature = "clap")]
 mod args;
 mod balancer;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+use super::admin::{self, SharedStatus};
 use super::balancer::Balancer;
 use super::config::Config;
 use super::messages::Message;
@@ -22,7 +23,8 @@ use super::slot::{Position, Slot, WorkerProcess};
 use super::spawn::spawn_worker;
 use crate::error::{Error, Result};
 use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
-use crate::net::bind::{bind_all, BoundAddress};
+use crate::metrics::status::{ClusterStatus, SlotStatus, WorkerStatus};
+use crate::net::bind::{bind_all, bind_error, resolve, BoundAddress};
 use crate::net::fd_passing::{ConnectionSender, PassedConnection, PassedHeader};
 use crate::net::proxy_protocol;
 
@@ -39,12 +41,22 @@ pub(crate) fn run(config: Config) -> Result<()> {
     }
     let slots = config.workers.count();
     let bound = bind_all(&config.listen, slots, config.balance)?;
+    let admin = match &config.admin {
+        Some(text) => {
+            let addr = resolve(text)?;
+            let listener =
+                std::net::TcpListener::bind(addr).map_err(|err| bind_error(addr, err))?;
+            listener.set_nonblocking(true)?;
+            Some(listener)
+        }
+        None => None,
+    };
     let program = std::env::current_exe()?;
     let args = std::env::args_os().skip(1).collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(Supervisor::new(config, bound, program, args, slots).run())
+    runtime.block_on(Supervisor::new(config, bound, program, args, slots).run(admin))
 }
 
 /// Something the supervisor must react to.
@@ -91,6 +103,8 @@ struct Supervisor {
     /// Present in the accept-and-pass modes.
     balancer: Option<Arc<Mutex<Balancer>>>,
     acceptors: Vec<tokio::task::JoinHandle<()>>,
+    /// What the admin pages show, refreshed after every event.
+    status: SharedStatus,
 }
 
 /// What the loop does after an event.
@@ -125,6 +139,7 @@ impl Supervisor {
             announced: false,
             balancer,
             acceptors: Vec::new(),
+            status: SharedStatus::default(),
         }
     }
 
@@ -161,7 +176,15 @@ impl Supervisor {
         }
     }
 
-    async fn run(mut self) -> Result<()> {
+    async fn run(mut self, admin: Option<std::net::TcpListener>) -> Result<()> {
+        if let Some(listener) = admin {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tracing::info!(
+                "admin: http://{}/ (dashboard), /status, /metrics",
+                listener.local_addr()?
+            );
+            tokio::spawn(admin::serve(listener, self.status.clone()));
+        }
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -190,7 +213,49 @@ impl Supervisor {
             if let Flow::Exit(result) = self.handle(event) {
                 return result;
             }
+            self.publish_status();
         }
+    }
+
+    /// Refreshes the snapshot the admin pages read.
+    fn publish_status(&self) {
+        if self.config.admin.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let snapshot = ClusterStatus {
+            pid: std::process::id(),
+            balance: self.config.balance.to_string(),
+            listen: self.bound.iter().map(|a| a.local.to_string()).collect(),
+            reloading: self.reload.is_some(),
+            stopping: self.stopping,
+            slots: self
+                .slots
+                .iter()
+                .map(|slot| SlotStatus {
+                    slot: slot.index,
+                    starts: slot.next_generation,
+                    failures: slot.failures,
+                    gave_up: slot.gave_up,
+                    worker: slot.current.as_ref().map(|worker| WorkerStatus {
+                        pid: worker.pid,
+                        generation: worker.generation,
+                        state: if worker.is_ready() {
+                            "ready"
+                        } else {
+                            "starting"
+                        },
+                        uptime_seconds: now.duration_since(worker.started).as_secs_f64(),
+                        stats: worker.stats.clone(),
+                    }),
+                    draining: slot.retiring.iter().map(|worker| worker.pid).collect(),
+                })
+                .collect(),
+        };
+        *self
+            .status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot;
     }
 
     /// The one place that decides.

@@ -1,6 +1,9 @@
-//! Measurements: event-loop delay, worker statistics.
+//! Measurements: event-loop delay, worker statistics, and the primary's view
+//! of the cluster (`/status`, `/metrics`).
 
 mod event_loop_delay;
+pub(crate) mod prometheus;
+pub(crate) mod status;
 mod worker_stats;
 
 pub use event_loop_delay::{EventLoopDelay, LoopDelayStats};

@@ -136,7 +136,7 @@ fn local_addr(socket: &Socket) -> io::Result<SocketAddr> {
         .ok_or_else(|| io::Error::other("the socket has no IP address"))
 }
 
-fn bind_error(addr: SocketAddr, err: io::Error) -> Error {
+pub(crate) fn bind_error(addr: SocketAddr, err: io::Error) -> Error {
     if err.kind() == io::ErrorKind::AddrInUse {
         Error::AddressInUse {
             addr: addr.to_string(),
