@@ -1,5 +1,6 @@
 //! Clustering: the builder, the primary (supervisor) and the worker side.
 
+mod acceptor;
 mod admin;
 #[cfg(feature = "clap")]
 mod args;
