@@ -61,6 +61,9 @@ pub enum Error {
         /// The operating system's error.
         source: io::Error,
     },
+    /// The settings contradict each other.
+    #[error("{0}")]
+    Config(String),
     /// Every worker slot kept crashing, so the primary gave up.
     #[error("every worker slot is in a crash loop ({detail}); fix the cause shown in the worker logs above and start again")]
     CrashLoop {

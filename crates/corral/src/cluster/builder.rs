@@ -313,6 +313,52 @@ impl ClusterBuilder {
         self
     }
 
+    /// For [`run_command`](Self::run_command): how long a started program
+    /// must stay up to count as ready, since it sends no handshake
+    /// (default 1 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().ready_after(Duration::from_millis(300));
+    /// # drop(b);
+    /// ```
+    pub fn ready_after(mut self, uptime: Duration) -> Self {
+        self.config.ready_after = uptime;
+        self
+    }
+
+    /// Clusters another program instead of this one: each worker is
+    /// `program args...`, started with its slot's listening sockets by the
+    /// systemd socket-activation convention (descriptors 3, 4, ...,
+    /// `LISTEN_FDS`, `LISTEN_PID`) and its slot in `CORRAL_INSTANCE`. The
+    /// supervision is the same — restarts with back-off, crash-loop
+    /// detection, `SIGHUP` rolling reload, `SIGTERM` graceful stop — except
+    /// that a program that is not a corral worker sends no heartbeat, is ready
+    /// once it has stayed up for [`ready_after`](Self::ready_after), and is
+    /// asked to drain with `SIGTERM`. Only the kernel balancing modes
+    /// (`reuseport`, `shared`) apply.
+    ///
+    /// ```no_run
+    /// corral::Cluster::builder()
+    ///     .listen("127.0.0.1:8080")
+    ///     .run_command("python3", ["server.py"])
+    /// # .unwrap();
+    /// ```
+    pub fn run_command<I, S>(mut self, program: impl AsRef<std::ffi::OsStr>, args: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.config.external = Some(super::config::ExternalProgram {
+            program: program.as_ref().to_owned(),
+            args: args
+                .into_iter()
+                .map(|arg| arg.as_ref().to_owned())
+                .collect(),
+        });
+        primary::run(self.config)
+    }
+
     /// Runs the cluster.
     ///
     /// In the primary this supervises workers until `SIGTERM` or `SIGINT` and

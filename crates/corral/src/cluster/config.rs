@@ -143,6 +143,17 @@ pub(crate) struct Config {
     pub pool_threads: Option<usize>,
     pub pool_queue: Option<usize>,
     pub admin: Option<String>,
+    /// Set by `run_command`: workers are this program, not this binary.
+    pub external: Option<ExternalProgram>,
+    /// How long an external program must stay up to count as ready.
+    pub ready_after: Duration,
+}
+
+/// A program clustered by `run_command`.
+#[derive(Debug, Clone)]
+pub(crate) struct ExternalProgram {
+    pub program: std::ffi::OsString,
+    pub args: Vec<std::ffi::OsString>,
 }
 
 impl Default for Config {
@@ -169,6 +180,8 @@ impl Default for Config {
             pool_threads: None,
             pool_queue: None,
             admin: None,
+            external: None,
+            ready_after: Duration::from_secs(1),
         }
     }
 }

@@ -20,7 +20,7 @@ use super::balancer::Balancer;
 use super::config::Config;
 use super::messages::Message;
 use super::slot::{Position, Slot, WorkerProcess};
-use super::spawn::spawn_worker;
+use super::spawn::{spawn_program, spawn_worker};
 use crate::error::{Error, Result};
 use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
 use crate::metrics::status::{ClusterStatus, SlotStatus, WorkerStatus};
@@ -37,6 +37,12 @@ pub(crate) fn run(config: Config) -> Result<()> {
     if config.logging {
         crate::logging::init(format!("[primary pid {}]", std::process::id()));
     }
+    if config.external.is_some() && config.balance.passes_connections() {
+        return Err(Error::Config(format!(
+            "--balance {} needs corral workers, which take connections from the primary; a program run by `corral run` accepts from its own sockets, so use --balance reuseport or shared",
+            config.balance
+        )));
+    }
     let slots = config.workers.count();
     let bound = bind_all(&config.listen, slots, config.balance)?;
     let admin = match &config.admin {
@@ -49,8 +55,13 @@ pub(crate) fn run(config: Config) -> Result<()> {
         }
         None => None,
     };
-    let program = std::env::current_exe()?;
-    let args = std::env::args_os().skip(1).collect();
+    let (program, args) = match &config.external {
+        Some(external) => (PathBuf::from(&external.program), external.args.clone()),
+        None => (
+            std::env::current_exe()?,
+            std::env::args_os().skip(1).collect(),
+        ),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -213,6 +224,13 @@ impl Supervisor {
             }
             self.publish_status();
         }
+    }
+
+    fn resolve_program(&self) -> std::io::Result<PathBuf> {
+        if self.config.external.is_some() {
+            return Ok(self.program.clone());
+        }
+        std::fs::canonicalize(&self.program)
     }
 
     /// Refreshes the snapshot the admin pages read.
@@ -485,8 +503,9 @@ impl Supervisor {
             return Flow::Continue;
         }
         // Take whatever binary is at the path now, so a rebuilt program is
-        // what the new workers run.
-        match std::fs::canonicalize(&self.program) {
+        // what the new workers run (an external program is looked up again
+        // on every start anyway).
+        match self.resolve_program() {
             Ok(path) => self.program = path,
             Err(err) => {
                 tracing::error!(
@@ -515,6 +534,8 @@ impl Supervisor {
         let stopping = self.stopping;
         let mut due = Vec::new();
         let mut unresponsive = Vec::new();
+        let mut settled = Vec::new();
+        let ready_after = self.config.ready_after;
         for slot in &mut self.slots {
             let index = slot.index;
             for worker in slot.workers_mut().filter(|worker| !worker.killed) {
@@ -527,7 +548,11 @@ impl Supervisor {
                         worker.kill();
                     }
                 } else if !worker.is_ready() {
-                    if now.duration_since(worker.started) >= ready_timeout {
+                    if worker.external && now.duration_since(worker.started) >= ready_after {
+                        // It has stayed up: as ready as a program without a
+                        // handshake can say.
+                        settled.push((index, worker.generation));
+                    } else if now.duration_since(worker.started) >= ready_timeout {
                         tracing::error!(
                             "slot {index}: worker pid {} did not become ready within {}; killing it",
                             worker.pid,
@@ -536,6 +561,7 @@ impl Supervisor {
                         worker.kill();
                     }
                 } else if !stopping
+                    && !worker.external
                     && now.duration_since(worker.last_heartbeat) >= heartbeat_timeout
                 {
                     tracing::error!(
@@ -566,6 +592,11 @@ impl Supervisor {
                 "closed {closed} connections that waited {} for a worker",
                 humantime::format_duration(ready_timeout)
             );
+        }
+        for (index, generation) in settled {
+            if let Flow::Exit(result) = self.on_message(index, generation, ToPrimary::Ready) {
+                return Flow::Exit(result);
+            }
         }
         for index in due {
             if let Flow::Exit(result) = self.fill_slot(index) {
@@ -780,11 +811,14 @@ impl Supervisor {
                 .map(AsRawFd::as_raw_fd)
                 .collect()
         };
-        let spawned = spawn_worker(&self.program, &self.args, index, generation, &listeners)
-            .map_err(|source| Error::Spawn {
-                exe: self.program.display().to_string(),
-                source,
-            })?;
+        let spawned = match &self.config.external {
+            Some(external) => spawn_program(&external.program, &self.args, index, &listeners),
+            None => spawn_worker(&self.program, &self.args, index, generation, &listeners),
+        }
+        .map_err(|source| Error::Spawn {
+            exe: self.program.display().to_string(),
+            source,
+        })?;
         tracing::info!(
             "slot {index}: started worker pid {} (generation {generation})",
             spawned.pid
@@ -800,16 +834,19 @@ impl Supervisor {
                 status,
             });
         });
-        tokio::spawn(relay(
-            index,
-            generation,
-            spawned.ipc,
-            outbox,
-            self.events_tx.clone(),
-        ));
-        let connections = match &self.balancer {
-            Some(balancer) => {
-                let sender = ConnectionSender::new(spawned.connections)?;
+        let external = spawned.ipc.is_none();
+        if let Some(ipc) = spawned.ipc {
+            tokio::spawn(relay(
+                index,
+                generation,
+                ipc,
+                outbox,
+                self.events_tx.clone(),
+            ));
+        }
+        let connections = match (&self.balancer, spawned.connections) {
+            (Some(balancer), Some(connections)) => {
+                let sender = ConnectionSender::new(connections)?;
                 let (connections_tx, connections) = mpsc::unbounded_channel();
                 tokio::spawn(dispatch(
                     index,
@@ -821,14 +858,11 @@ impl Supervisor {
                 Some(connections_tx)
             }
             // The worker sees its end close and accepts from its own sockets.
-            None => None,
+            _ => None,
         };
-        Ok(WorkerProcess::new(
-            generation,
-            spawned.pid,
-            outbox_tx,
-            connections,
-        ))
+        let mut worker = WorkerProcess::new(generation, spawned.pid, outbox_tx, connections);
+        worker.external = external;
+        Ok(worker)
     }
 }
 

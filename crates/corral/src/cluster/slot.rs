@@ -25,6 +25,8 @@ pub(crate) struct WorkerProcess {
     outbox: mpsc::UnboundedSender<ToWorker>,
     /// Where the balancer sends this worker's connections (accept-and-pass modes).
     pub connections: Option<mpsc::UnboundedSender<PassedConnection>>,
+    /// A program that is not a corral worker: no IPC, drained with SIGTERM.
+    pub external: bool,
 }
 
 impl WorkerProcess {
@@ -46,6 +48,7 @@ impl WorkerProcess {
             stats: WorkerStats::default(),
             outbox,
             connections,
+            external: false,
         }
     }
 
@@ -64,9 +67,14 @@ impl WorkerProcess {
             // Closing our side of the connection queue lets the worker know
             // when the last connection passed to it has arrived.
             self.connections = None;
-            // A worker whose channel is gone is either exiting or will be
-            // killed at the deadline; nothing more to do here.
-            let _ = self.outbox.send(ToWorker::Drain);
+            if self.external {
+                // A program's own graceful stop, by convention.
+                let _ = kill(Pid::from_raw(self.pid as i32), Signal::SIGTERM);
+            } else {
+                // A worker whose channel is gone is either exiting or will be
+                // killed at the deadline; nothing more to do here.
+                let _ = self.outbox.send(ToWorker::Drain);
+            }
         }
     }
 

@@ -4,6 +4,7 @@
 //!
 //! Workers are never forked from the (multi-threaded) primary and then left
 //! running its code: the child only rearranges descriptors and calls `exec`.
+//! Any other program can be a worker too, by systemd's `LISTEN_FDS` convention.
 
 use std::ffi::OsString;
 use std::io;
@@ -23,13 +24,16 @@ use crate::net::fd_passing;
 pub(crate) struct Spawned {
     pub child: Child,
     pub pid: u32,
-    pub ipc: UnixStream,
+    /// Absent for programs that are not corral workers (`run_command`).
+    pub ipc: Option<UnixStream>,
     /// The primary's end of the connection-passing socket.
-    pub connections: std::os::fd::OwnedFd,
+    pub connections: Option<std::os::fd::OwnedFd>,
 }
 
 /// Descriptors at or above this are free for temporary copies in the child.
 const SCRATCH_FD_FLOOR: RawFd = 1000;
+/// Where the inherited descriptors start (after stdin, stdout, stderr).
+const FIRST_INHERITED_FD: RawFd = 3;
 
 pub(crate) fn spawn_worker(
     program: &Path,
@@ -42,22 +46,74 @@ pub(crate) fn spawn_worker(
     primary_end.set_nonblocking(true)?;
     let (connections_primary_end, connections_worker_end) = fd_passing::pair()?;
 
-    let mut sources: Vec<RawFd> = Vec::with_capacity(listeners.len() + 1);
+    // fd 3: IPC, fd 4: passed connections, fd 5...: listening sockets.
+    let mut sources: Vec<RawFd> = Vec::with_capacity(listeners.len() + 2);
     sources.push(worker_end.as_raw_fd());
     sources.push(connections_worker_end.as_raw_fd());
     sources.extend_from_slice(listeners);
-    // Allocated here because the child may not allocate between fork and exec.
-    let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
-    let primary_pid = nix::unistd::getpid().as_raw();
+    debug_assert_eq!((IPC_FD, CONNECTIONS_FD, FIRST_LISTENER_FD), (3, 4, 5));
 
     let mut command = Command::new(program);
     command
         .args(args)
         .env(ENV_SLOT, slot.to_string())
         .env(ENV_GENERATION, generation.to_string())
-        .env(ENV_LISTENERS, listeners.len().to_string())
-        .stdin(Stdio::null())
-        .kill_on_drop(false);
+        .env(ENV_LISTENERS, listeners.len().to_string());
+    let child = start(command, sources)?;
+    drop(worker_end);
+    drop(connections_worker_end);
+    let pid = child_pid(&child)?;
+    Ok(Spawned {
+        child,
+        pid,
+        ipc: Some(UnixStream::from_std(primary_end)?),
+        connections: Some(connections_primary_end),
+    })
+}
+
+/// Starts any program as a worker by systemd's socket-activation convention:
+/// the slot's listening sockets at descriptors 3, 4, ..., `LISTEN_FDS` their
+/// count, `LISTEN_PID` the program's own pid, and `CORRAL_INSTANCE` its slot.
+pub(crate) fn spawn_program(
+    program: &OsString,
+    args: &[OsString],
+    slot: usize,
+    listeners: &[RawFd],
+) -> io::Result<Spawned> {
+    // LISTEN_PID must be the pid of the process that ends up running the
+    // program; `sh` sets it from its own pid and `exec` keeps that pid.
+    let mut command = Command::new("/bin/sh");
+    command
+        .arg("-c")
+        .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"")
+        .arg("corral-worker")
+        .arg(program)
+        .args(args)
+        .env("LISTEN_FDS", listeners.len().to_string())
+        .env("CORRAL_INSTANCE", slot.to_string())
+        .env_remove("LISTEN_FDNAMES");
+    let child = start(command, listeners.to_vec())?;
+    let pid = child_pid(&child)?;
+    Ok(Spawned {
+        child,
+        pid,
+        ipc: None,
+        connections: None,
+    })
+}
+
+fn child_pid(child: &Child) -> io::Result<u32> {
+    child
+        .id()
+        .ok_or_else(|| io::Error::other("the worker exited before it could be tracked"))
+}
+
+/// Spawns `command` with `sources` moved to descriptors 3, 4, ... in the child.
+fn start(mut command: Command, sources: Vec<RawFd>) -> io::Result<Child> {
+    // Allocated here because the child may not allocate between fork and exec.
+    let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
+    let primary_pid = nix::unistd::getpid().as_raw();
+    command.stdin(Stdio::null()).kill_on_drop(false);
     // SAFETY: the closure runs in the child between fork and exec and calls
     // only async-signal-safe functions (prctl, getppid, fcntl, dup2) on
     // memory allocated before the fork.
@@ -87,29 +143,13 @@ pub(crate) fn spawn_worker(
                 scratch[index] = copy;
             }
             for (index, &copy) in scratch.iter().enumerate() {
-                let target = match index {
-                    0 => IPC_FD,
-                    1 => CONNECTIONS_FD,
-                    _ => FIRST_LISTENER_FD + index as RawFd - 2,
-                };
                 // dup2 clears close-on-exec on the target: exactly these survive exec.
-                if libc::dup2(copy, target) == -1 {
+                if libc::dup2(copy, FIRST_INHERITED_FD + index as RawFd) == -1 {
                     return Err(io::Error::last_os_error());
                 }
             }
             Ok(())
         });
     }
-    let child = command.spawn()?;
-    drop(worker_end);
-    drop(connections_worker_end);
-    let pid = child
-        .id()
-        .ok_or_else(|| io::Error::other("the worker exited before it could be tracked"))?;
-    Ok(Spawned {
-        child,
-        pid,
-        ipc: UnixStream::from_std(primary_end)?,
-        connections: connections_primary_end,
-    })
+    command.spawn()
 }

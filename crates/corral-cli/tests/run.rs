@@ -1,0 +1,202 @@
+//! `corral run` clusters a program that is not written in Rust: a Python
+//! server that takes its socket by systemd's `LISTEN_FDS` convention.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+struct Cluster {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+fn corral(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_corral"));
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    command
+}
+
+fn start(workers: &str) -> Cluster {
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server.py");
+    let mut child = corral(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        workers,
+        "--ready-after",
+        "300ms",
+        "--",
+        "python3",
+        server,
+    ])
+    .spawn()
+    .expect("start corral");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a listening line");
+    let addr = line
+        .split("listening on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected line {line}"));
+    Cluster { child, addr }
+}
+
+/// `(slot, pid)` from one request on a new connection.
+fn hello(addr: SocketAddr) -> std::io::Result<(String, i32)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let rest = body
+        .strip_prefix("hello from worker ")
+        .ok_or_else(|| std::io::Error::other(format!("unexpected answer {response:?}")))?;
+    let (slot, pid) = rest
+        .split_once(" (pid ")
+        .ok_or_else(|| std::io::Error::other("no pid"))?;
+    Ok((
+        slot.to_owned(),
+        pid.trim_end_matches(')')
+            .parse()
+            .map_err(std::io::Error::other)?,
+    ))
+}
+
+fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+#[test]
+fn run_clusters_a_socket_activated_program() {
+    let cluster = start("2");
+    let mut answers = BTreeSet::new();
+    assert!(wait_until(Duration::from_secs(20), || {
+        if let Ok(answer) = hello(cluster.addr) {
+            answers.insert(answer);
+        }
+        answers
+            .iter()
+            .map(|(slot, _)| slot.clone())
+            .collect::<BTreeSet<_>>()
+            .len()
+            == 2
+    }));
+
+    // A killed worker is replaced in its slot.
+    let (slot, victim) = answers.iter().next().cloned().unwrap();
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || {
+        matches!(hello(cluster.addr), Ok((s, pid)) if s == slot && pid != victim)
+    }));
+
+    // SIGHUP replaces every worker.
+    let before: BTreeSet<i32> = (0..20)
+        .filter_map(|_| hello(cluster.addr).ok())
+        .map(|(_, pid)| pid)
+        .collect();
+    kill(Pid::from_raw(cluster.child.id() as i32), Signal::SIGHUP).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || {
+        let now: BTreeSet<i32> = (0..10)
+            .filter_map(|_| hello(cluster.addr).ok())
+            .map(|(_, pid)| pid)
+            .collect();
+        !now.is_empty() && now.is_disjoint(&before)
+    }));
+}
+
+#[test]
+fn run_stops_gracefully_on_sigterm() {
+    let mut cluster = start("2");
+    hello(cluster.addr).unwrap();
+    kill(Pid::from_raw(cluster.child.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = cluster.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "corral did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn run_refuses_accept_and_pass_modes_clearly() {
+    let output = corral(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--balance",
+        "sticky",
+        "--",
+        "true",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("use --balance reuseport or shared"));
+}
+
+#[test]
+fn run_needs_a_program() {
+    let output = corral(&["run", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn run_reports_a_program_that_keeps_crashing() {
+    let output = corral(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--",
+        "false",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("crash loop"));
+}
