@@ -80,7 +80,7 @@ fn tiny_png() -> Vec<u8> {
 #[tokio::test]
 async fn every_status_code_over_the_cluster() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cl = Cluster::start(dir.path(), &[]);
+    let cl = start(dir.path(), &[]);
     assert!(
         cl.banner.contains("(2 workers, balance=reuseport)"),
         "{}",
@@ -178,7 +178,7 @@ async fn every_status_code_over_the_cluster() {
 fn idempotency_race_across_workers_yields_one_payment() {
     const RACERS: usize = 64;
     let dir = tempfile::tempdir().expect("temp dir");
-    let cl = Cluster::start(dir.path(), &[]);
+    let cl = start(dir.path(), &[]);
     let addr = cl.addr;
     let key = "race-key-1";
     let body = r#"{"merchant_id":"globex","amount":4200,"currency":"USD","reference":"race"}"#;
@@ -362,7 +362,7 @@ fn tampered(id: &str, merchant: &str, amount: u64, currency: &str) -> String {
 #[tokio::test]
 async fn settlement_batches_across_workers() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let cl = Cluster::start(dir.path(), &[]);
+    let cl = start(dir.path(), &[]);
 
     let merchants = ["acme", "globex", "initech"];
     let currencies = ["EUR", "USD", "GBP"];
@@ -467,7 +467,7 @@ async fn settlement_batches_across_workers() {
 #[tokio::test]
 async fn acknowledged_work_survives_kill_9_of_every_process() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cl = Cluster::start(dir.path(), &[]);
+    let mut cl = start(dir.path(), &[]);
     let c = client();
 
     // Acknowledged payments: each 201 body is what must come back.
@@ -511,7 +511,7 @@ async fn acknowledged_work_survives_kill_9_of_every_process() {
     cl.kill_all();
     drop(cl);
 
-    let cl = Cluster::start(dir.path(), &[]);
+    let cl = start(dir.path(), &[]);
     let c = client();
     for (key, body, id, text) in &acknowledged {
         let got = c
@@ -534,7 +534,7 @@ async fn acknowledged_work_survives_kill_9_of_every_process() {
 #[test]
 fn sigterm_stops_every_process_with_status_0() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cl = Cluster::start(dir.path(), &[]);
+    let mut cl = start(dir.path(), &[]);
     let workers = cl.worker_pids();
     assert_eq!(workers.len(), 2, "{workers:?}");
     let mut conn = Conn::open(cl.addr).expect("connect");
@@ -554,7 +554,7 @@ fn sigterm_stops_every_process_with_status_0() {
 #[test]
 fn events_from_one_worker_reach_a_subscriber_on_the_other() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = Cluster::start(dir.path(), &[]);
+    let cluster = start(dir.path(), &[]);
     // Keep-alive connections remember their worker: find one on each.
     let mut subscriber = Conn::open(cluster.addr).expect("connect");
     let subscriber_slot = subscriber.slot();

@@ -2,41 +2,25 @@
 //! server that takes its socket by systemd's `LISTEN_FDS` convention.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use corral_testkit::{wait_until, Cluster};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-struct Cluster {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(-(self.child.id() as i32)), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
 fn corral(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_corral"));
-    command
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+    command.args(args);
     command
 }
 
+/// Runs the Python server under `corral run` and waits for the listening line.
 fn start(workers: &str) -> Cluster {
     let server = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server.py");
-    let mut child = corral(&[
+    let command = corral(&[
         "run",
         "--listen",
         "127.0.0.1:0",
@@ -47,26 +31,8 @@ fn start(workers: &str) -> Cluster {
         "--",
         "python3",
         server,
-    ])
-    .spawn()
-    .expect("start corral");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("a listening line");
-    let addr = line
-        .split("listening on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected line {line}"));
-    Cluster { child, addr }
+    ]);
+    Cluster::start(command, Duration::from_secs(30))
 }
 
 /// `(slot, pid)` from one request on a new connection.
@@ -92,17 +58,6 @@ fn hello(addr: SocketAddr) -> std::io::Result<(String, i32)> {
             .parse()
             .map_err(std::io::Error::other)?,
     ))
-}
-
-fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    condition()
 }
 
 #[test]
@@ -133,7 +88,7 @@ fn run_clusters_a_socket_activated_program() {
         .filter_map(|_| hello(cluster.addr).ok())
         .map(|(_, pid)| pid)
         .collect();
-    kill(Pid::from_raw(cluster.child.id() as i32), Signal::SIGHUP).unwrap();
+    cluster.signal(Signal::SIGHUP);
     assert!(wait_until(Duration::from_secs(30), || {
         let now: BTreeSet<i32> = (0..10)
             .filter_map(|_| hello(cluster.addr).ok())
@@ -147,15 +102,8 @@ fn run_clusters_a_socket_activated_program() {
 fn run_stops_gracefully_on_sigterm() {
     let mut cluster = start("2");
     hello(cluster.addr).unwrap();
-    kill(Pid::from_raw(cluster.child.id() as i32), Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = cluster.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "corral did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    cluster.signal(Signal::SIGTERM);
+    let status = cluster.wait_exit(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0));
 }
 

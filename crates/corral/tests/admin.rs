@@ -100,7 +100,7 @@ fn admin_address_in_use_is_a_clear_error() {
         "--admin",
         &addr,
     ]);
-    let status = support::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
+    let status = support::wait_child(&mut child.0, Duration::from_secs(20)).expect("exits");
     assert_ne!(status.code(), Some(0));
     std::thread::sleep(Duration::from_millis(100));
     assert!(

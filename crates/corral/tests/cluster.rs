@@ -35,7 +35,7 @@ fn cluster_every_worker_serves_the_one_port() {
 
 #[test]
 fn cluster_several_listen_addresses_are_all_served() {
-    let mut child_and_log = support::spawn(&[
+    let (mut child, _log) = support::spawn(&[
         "--listen",
         "127.0.0.1:0",
         "--listen",
@@ -43,23 +43,14 @@ fn cluster_several_listen_addresses_are_all_served() {
         "--workers",
         "2",
     ]);
-    let stdout = child_and_log.0.stdout.take().unwrap();
+    let stdout = child.0.stdout.take().unwrap();
     let lines: Vec<String> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
         .take(2)
         .map(|line| line.unwrap())
         .collect();
     let addrs: Vec<std::net::SocketAddr> = lines
         .iter()
-        .map(|line| {
-            line.split("listening on http://")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        })
+        .map(|line| support::listening_addr(line).unwrap())
         .collect();
     assert_ne!(addrs[0], addrs[1]);
     for addr in &addrs {
@@ -67,11 +58,6 @@ fn cluster_several_listen_addresses_are_all_served() {
         assert_eq!(status, 200);
         assert!(body.starts_with("hello from worker"), "{body}");
     }
-    let _ = kill(
-        Pid::from_raw(-(child_and_log.0.id() as i32)),
-        Signal::SIGKILL,
-    );
-    let _ = child_and_log.0.wait();
 }
 
 #[test]
@@ -343,7 +329,7 @@ fn cluster_crash_loop_is_retried_with_back_off_then_reported() {
         "--fault",
         "crash-on-start",
     ]);
-    let status = support::wait_child(&mut child, Duration::from_secs(30))
+    let status = support::wait_child(&mut child.0, Duration::from_secs(30))
         .expect("the primary gives up instead of restarting forever");
     assert_eq!(status.code(), Some(1));
     std::thread::sleep(Duration::from_millis(100));
@@ -365,7 +351,7 @@ fn cluster_worker_that_never_becomes_ready_is_killed_and_reported() {
         "--fault",
         "never-ready",
     ]);
-    let status = support::wait_child(&mut child, Duration::from_secs(60))
+    let status = support::wait_child(&mut child.0, Duration::from_secs(60))
         .expect("the primary gives up instead of waiting forever");
     assert_ne!(status.code(), Some(0));
     std::thread::sleep(Duration::from_millis(100));
@@ -379,7 +365,7 @@ fn cluster_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let (mut child, log) = support::spawn(&["--listen", &addr, "--workers", "2"]);
-    let status = support::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
+    let status = support::wait_child(&mut child.0, Duration::from_secs(20)).expect("exits");
     assert_ne!(status.code(), Some(0));
     std::thread::sleep(Duration::from_millis(100));
     let log = log.lock().unwrap().clone();
@@ -389,7 +375,7 @@ fn cluster_port_in_use_is_a_clear_error() {
 #[test]
 fn cluster_unknown_flag_is_a_usage_error() {
     let (mut child, log) = support::spawn(&["--listen", "127.0.0.1:0", "--no-such-flag"]);
-    let status = support::wait_child(&mut child, Duration::from_secs(20)).expect("exits");
+    let status = support::wait_child(&mut child.0, Duration::from_secs(20)).expect("exits");
     assert_eq!(status.code(), Some(2));
     std::thread::sleep(Duration::from_millis(100));
     assert!(log.lock().unwrap().contains("--no-such-flag"));
@@ -482,7 +468,7 @@ fn cluster_sighup_runs_the_new_binary_on_disk() {
 #[test]
 fn cluster_a_slot_in_a_crash_loop_stops_taking_connections() {
     for balance in ["reuseport", "sticky"] {
-        let (child, log) = support::spawn(&[
+        let (mut child, log) = support::spawn(&[
             "--listen",
             "127.0.0.1:0",
             "--workers",
@@ -492,7 +478,6 @@ fn cluster_a_slot_in_a_crash_loop_stops_taking_connections() {
             "--fault",
             "crash-slot-1",
         ]);
-        let mut child = support::ChildGroup(child);
         assert!(
             support::wait_until(Duration::from_secs(30), || log
                 .lock()

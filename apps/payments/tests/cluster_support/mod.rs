@@ -1,226 +1,32 @@
-//! Running the real, clustered `payments` binary in tests: start it in its own
-//! process group, find its address, stop or kill it, and talk to it on a
-//! chosen connection. Everything the binary starts dies with the group when a
-//! [`Cluster`] is dropped, even when a test fails half-way.
+//! Running the real, clustered `payments` binary in tests (through
+//! `corral_testkit`: its own process group, killed with every worker when the
+//! [`Cluster`] is dropped, even when a test fails half-way) and talking to it
+//! on a chosen connection.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use std::process::Command;
+use std::time::Duration;
 
 /// Debug builds of the binary start slowly on a loaded machine; this bounds
 /// the wait for the `listening on` line, it is not an expected duration.
 const START_LIMIT: Duration = Duration::from_secs(120);
 
-/// A running `payments` cluster (primary + workers, one process group).
-pub struct Cluster {
-    child: Child,
-    pub addr: SocketAddr,
-    /// The `listening on` line as printed.
-    pub banner: String,
-    stderr: Arc<Mutex<String>>,
-    reaped: Option<ExitStatus>,
-}
+pub use corral_testkit::{group_members, wait_until, Cluster};
 
-impl Cluster {
-    /// `payments --listen 127.0.0.1:0 --workers 2 --data-dir DIR EXTRA...`,
-    /// returned once every worker is ready (the primary printed its line).
-    pub fn start(data_dir: &Path, extra: &[&str]) -> Cluster {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_payments"))
-            .args(["--listen", "127.0.0.1:0", "--workers", "2", "--data-dir"])
-            .arg(data_dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own group, so one signal to -pgid reaches every worker.
-            .process_group(0)
-            .spawn()
-            .expect("start the payments binary");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().expect("piped stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut cluster = Cluster {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            banner: String::new(),
-            stderr,
-            reaped: None,
-        };
-        let banner = rx.recv_timeout(START_LIMIT).unwrap_or_else(|_| {
-            panic!(
-                "payments printed no listening line; stderr:\n{}",
-                cluster.stderr()
-            )
-        });
-        cluster.addr = banner
-            .split("listening on http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first stdout line: {banner:?}"));
-        cluster.banner = banner;
-        cluster
-    }
-
-    /// The primary's pid, which is also the process group id.
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// `http://HOST:PORT` + `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// What the cluster logged so far.
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// The primary's live children (its workers).
-    pub fn worker_pids(&self) -> Vec<i32> {
-        children_of(self.pid())
-    }
-
-    /// Send `signal` to the primary only.
-    pub fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.pid()), signal).expect("signal the primary");
-    }
-
-    /// Wait for the primary to exit, at most `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        if let Some(status) = self.reaped {
-            return status;
-        }
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("poll the primary") {
-                self.reaped = Some(status);
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the primary did not exit within {limit:?}; stderr:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// `kill -9` the whole group (primary and every worker, at once), reap
-    /// the primary and wait until no process of the group is left.
-    pub fn kill_all(&mut self) {
-        let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
-        self.wait_exit(Duration::from_secs(30));
-        assert!(
-            wait_until(Duration::from_secs(30), || group_members(self.pid())
-                .is_empty()),
-            "processes left in group {}: {:?}",
-            self.pid(),
-            group_members(self.pid())
-        );
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
-        if self.reaped.is_none() {
-            let _ = self.child.wait();
-        }
-        // Orphaned workers are reaped by init; wait for them so the next test
-        // (or a restart on the same data directory) starts from a clean slate.
-        wait_until(Duration::from_secs(10), || {
-            group_members(self.pid()).is_empty()
-        });
-    }
-}
-
-/// Polls `condition` every 20 ms until it holds or `limit` passes.
-pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    condition()
-}
-
-/// `(pid, state, ppid, pgrp)` of every process, from /proc.
-fn processes() -> Vec<(i32, String, i32, i32)> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name is parenthesised and may hold spaces; the fields
-        // after it are: state, ppid, pgrp, ...
-        let Some((_, after)) = stat.rsplit_once(") ") else {
-            continue;
-        };
-        let f: Vec<&str> = after.split_whitespace().take(3).collect();
-        if let [state, ppid, pgrp] = f[..] {
-            if let (Ok(ppid), Ok(pgrp)) = (ppid.parse(), pgrp.parse()) {
-                out.push((pid, state.to_owned(), ppid, pgrp));
-            }
-        }
-    }
-    out
-}
-
-/// Live (not zombie) children of `parent`.
-pub fn children_of(parent: i32) -> Vec<i32> {
-    let mut pids: Vec<i32> = processes()
-        .into_iter()
-        .filter(|(_, state, ppid, _)| *ppid == parent && state != "Z")
-        .map(|(pid, ..)| pid)
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
-/// Live (not zombie) processes of the process group `pgid`.
-pub fn group_members(pgid: i32) -> Vec<i32> {
-    processes()
-        .into_iter()
-        .filter(|(_, state, _, pgrp)| *pgrp == pgid && state != "Z")
-        .map(|(pid, ..)| pid)
-        .collect()
+/// `payments --listen 127.0.0.1:0 --workers 2 --data-dir DIR EXTRA...`,
+/// returned once every worker is ready (the primary printed its line). The
+/// whole process group dies with the returned [`Cluster`].
+pub fn start(data_dir: &Path, extra: &[&str]) -> Cluster {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_payments"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--workers", "2", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    Cluster::start(command, START_LIMIT)
 }
 
 /// One HTTP/1.1 answer.

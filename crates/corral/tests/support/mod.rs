@@ -3,13 +3,17 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+// Each test binary uses a different subset.
+#[allow(unused_imports)]
+pub use corral_testkit::{
+    first_listening_addr, group_members, listening_addr, process_alive, wait_child, wait_until,
+    ChildGroup,
+};
 
 /// The built `hello` example.
 pub fn hello_binary() -> PathBuf {
@@ -35,12 +39,22 @@ pub fn example_binary(name: &str) -> PathBuf {
     binary
 }
 
-/// A running cluster, killed with its whole process group when dropped.
-pub struct Cluster {
-    pub child: Child,
-    pub addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-    stdout: Arc<Mutex<Vec<String>>>,
+/// A running cluster of an example, killed with its whole process group
+/// when dropped; everything of [`corral_testkit::Cluster`] plus requests.
+pub struct Cluster(corral_testkit::Cluster);
+
+impl std::ops::Deref for Cluster {
+    type Target = corral_testkit::Cluster;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Cluster {
@@ -56,69 +70,11 @@ impl Cluster {
     }
 
     /// Starts a program and waits for its listening line.
-    pub fn start_program(program: &std::path::Path, args: &[&str]) -> Cluster {
-        let (mut child, stderr) = spawn_program(program, args);
-        let stdout = child.stdout.take().expect("piped stdout");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut first = None;
-        let started = wait_until(Duration::from_secs(30), || {
-            first = lines.lock().unwrap().first().cloned();
-            first.is_some()
-        });
-        let line = first
-            .filter(|_| started)
-            .unwrap_or_else(|| panic!("no listening line; stderr:\n{}", stderr.lock().unwrap()));
-        let addr = line
-            .split("listening on http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line: {line}"));
-        Cluster {
-            child,
-            addr,
-            stderr,
-            stdout: lines,
-        }
-    }
-
-    /// The lines the primary printed on stdout so far.
-    pub fn stdout(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    pub fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.pid()), signal).expect("signal the primary");
-    }
-
-    /// What the cluster logged so far.
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// The primary's live child processes (its workers).
-    pub fn worker_pids(&self) -> Vec<i32> {
-        children_of(self.pid())
-    }
-
-    /// Waits for the primary to exit, at most `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        wait_child(&mut self.child, limit).unwrap_or_else(|| {
-            panic!(
-                "the primary did not exit within {limit:?}; stderr:\n{}",
-                self.stderr()
-            )
-        })
+    pub fn start_program(program: &Path, args: &[&str]) -> Cluster {
+        Cluster(corral_testkit::Cluster::start(
+            command(program, args),
+            Duration::from_secs(30),
+        ))
     }
 
     /// `GET path` on a new connection.
@@ -133,70 +89,22 @@ impl Cluster {
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        // The primary leads its own process group: this reaches every worker.
-        let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
+fn command(program: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(program);
+    command.args(args).env("RUST_LOG", "info");
+    command
 }
 
-/// Starts `hello` without waiting for it to listen.
-pub fn spawn(args: &[&str]) -> (Child, Arc<Mutex<String>>) {
+/// Starts `hello` without waiting for it to listen; its process group is
+/// killed when the returned [`ChildGroup`] is dropped.
+pub fn spawn(args: &[&str]) -> (ChildGroup, Arc<Mutex<String>>) {
     spawn_example("hello", args)
 }
 
 /// Starts an example without waiting for it to listen.
-pub fn spawn_example(name: &str, args: &[&str]) -> (Child, Arc<Mutex<String>>) {
-    spawn_program(&example_binary(name), args)
-}
-
-/// Starts a program without waiting for it to listen.
-pub fn spawn_program(program: &std::path::Path, args: &[&str]) -> (Child, Arc<Mutex<String>>) {
-    use std::os::unix::process::CommandExt;
-    let mut child = Command::new(program)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn()
-        .expect("start the hello example");
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let sink = stderr.clone();
-    let pipe = child.stderr.take().expect("piped stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
-    (child, stderr)
-}
-
-pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("poll the child") {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-/// Polls `condition` every 20 ms until it holds or `limit` passes.
-pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if condition() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    condition()
+pub fn spawn_example(name: &str, args: &[&str]) -> (ChildGroup, Arc<Mutex<String>>) {
+    let (child, log) = corral_testkit::spawn(command(&example_binary(name), args));
+    (ChildGroup(child), log)
 }
 
 /// One HTTP/1.1 request on its own connection.
@@ -257,69 +165,6 @@ pub fn parse_hello(status: u16, body: &str) -> std::io::Result<(usize, i32)> {
         slot.parse().map_err(|_| bad())?,
         pid.parse().map_err(|_| bad())?,
     ))
-}
-
-/// One process as /proc/PID/stat describes it.
-struct ProcessEntry {
-    pid: i32,
-    zombie: bool,
-    parent: i32,
-    group: i32,
-}
-
-/// Every process on the machine.
-fn processes() -> Vec<ProcessEntry> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // Fields after the parenthesised command name: state, ppid, pgrp, ...
-            let (_, after) = stat.rsplit_once(") ")?;
-            let mut fields = after.split_whitespace();
-            let zombie = fields.next()? == "Z";
-            let parent = fields.next()?.parse().ok()?;
-            let group = fields.next()?.parse().ok()?;
-            Some(ProcessEntry {
-                pid,
-                zombie,
-                parent,
-                group,
-            })
-        })
-        .collect()
-}
-
-/// Live (not zombie) child processes of `parent`.
-pub fn children_of(parent: i32) -> Vec<i32> {
-    let mut children: Vec<i32> = processes()
-        .into_iter()
-        .filter(|p| p.parent == parent && !p.zombie)
-        .map(|p| p.pid)
-        .collect();
-    children.sort_unstable();
-    children
-}
-
-pub fn process_alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    !stat
-        .rsplit_once(") ")
-        .is_some_and(|(_, after)| after.starts_with('Z'))
-}
-
-/// Live (not zombie) processes in the process group `pgid`.
-pub fn group_members(pgid: i32) -> Vec<i32> {
-    processes()
-        .into_iter()
-        .filter(|p| p.group == pgid && !p.zombie)
-        .map(|p| p.pid)
-        .collect()
 }
 
 /// An HTTP/1.1 client that keeps its connection open between requests, never
@@ -398,40 +243,6 @@ impl KeepAliveClient {
         reader.read_exact(&mut body)?;
         Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
     }
-}
-
-/// A child process whose whole group is killed when dropped.
-pub struct ChildGroup(pub Child);
-
-impl Drop for ChildGroup {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-}
-
-/// Reads the child's stdout up to its first `listening on http://` line
-/// (at most 30 s).
-pub fn first_listening_addr(child: &mut Child) -> SocketAddr {
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let line = BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .find(|line| line.contains("listening on http://"));
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .ok()
-        .flatten()
-        .expect("a listening line within 30 s");
-    line.split("listening on http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .expect("an address in the listening line")
 }
 
 /// Connections waiting in the accept queues of the listening sockets on

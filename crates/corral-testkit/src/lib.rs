@@ -1,0 +1,288 @@
+//! Running real clusters in tests: a program started in its own process group
+//! (so one signal reaches the primary and every worker, and nothing outlives
+//! the test), its log collected, its `listening on http://...` line awaited,
+//! and the processes it leaves looked up in /proc.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// A running cluster that printed its listening line. Dropping it kills the
+/// whole process group and waits until no member is left.
+pub struct Cluster {
+    child: Child,
+    /// The first listening address.
+    pub addr: SocketAddr,
+    /// The first line the primary printed (the listening line).
+    pub banner: String,
+    stderr: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<Vec<String>>>,
+    reaped: Option<ExitStatus>,
+}
+
+impl Cluster {
+    /// Starts `command` (in its own process group, output captured) and
+    /// waits at most `limit` for its first stdout line, which must name
+    /// `listening on http://HOST:PORT`.
+    pub fn start(command: Command, limit: Duration) -> Cluster {
+        let (mut child, stderr) = spawn(command);
+        let stdout = collect_lines(child.stdout.take().expect("piped stdout"));
+        let mut first = None;
+        let started = wait_until(limit, || {
+            first = stdout.lock().unwrap().first().cloned();
+            first.is_some()
+        });
+        let mut cluster = Cluster {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            banner: String::new(),
+            stderr,
+            stdout,
+            reaped: None,
+        };
+        let banner = first
+            .filter(|_| started)
+            .unwrap_or_else(|| panic!("no listening line; stderr:\n{}", cluster.stderr()));
+        cluster.addr = listening_addr(&banner)
+            .unwrap_or_else(|| panic!("unexpected first stdout line: {banner:?}"));
+        cluster.banner = banner;
+        cluster
+    }
+
+    /// The primary's pid, which is also the process group id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// `http://HOST:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends `signal` to the primary only.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid()), signal).expect("signal the primary");
+    }
+
+    /// What the cluster logged on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The lines the primary printed on stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// The primary's live children (its workers).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    /// Waits at most `limit` for the primary to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        if let Some(status) = self.reaped {
+            return status;
+        }
+        let status = wait_child(&mut self.child, limit).unwrap_or_else(|| {
+            panic!(
+                "the primary did not exit within {limit:?}; stderr:\n{}",
+                self.stderr()
+            )
+        });
+        self.reaped = Some(status);
+        status
+    }
+
+    /// `kill -9` the whole group (primary and every worker at once), reap
+    /// the primary and wait until no process of the group is left.
+    pub fn kill_all(&mut self) {
+        let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(30));
+        assert!(
+            wait_until(Duration::from_secs(30), || group_members(self.pid())
+                .is_empty()),
+            "processes left in group {}: {:?}",
+            self.pid(),
+            group_members(self.pid())
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-self.pid()), Signal::SIGKILL);
+        if self.reaped.is_none() {
+            let _ = self.child.wait();
+        }
+        // Orphaned workers are reaped by init; wait for them so the next test
+        // starts from a clean slate.
+        wait_until(Duration::from_secs(10), || {
+            group_members(self.pid()).is_empty()
+        });
+    }
+}
+
+/// Starts `command` in its own process group with stdin closed, stdout piped
+/// (left to the caller) and stderr collected into the returned log.
+pub fn spawn(mut command: Command) -> (Child, Arc<Mutex<String>>) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start the program under test");
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    let pipe = child.stderr.take().expect("piped stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (child, log)
+}
+
+/// A child whose whole process group is killed when dropped.
+pub struct ChildGroup(pub Child);
+
+impl Drop for ChildGroup {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(-(self.0.id() as i32)), Signal::SIGKILL);
+        let _ = self.0.wait();
+    }
+}
+
+/// Collects a pipe's lines as they arrive.
+fn collect_lines(pipe: ChildStdout) -> Arc<Mutex<Vec<String>>> {
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// The address in a `... listening on http://HOST:PORT ...` line.
+pub fn listening_addr(line: &str) -> Option<SocketAddr> {
+    line.split("listening on http://")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Reads the child's stdout up to its first listening line (at most 30 s).
+pub fn first_listening_addr(child: &mut Child) -> SocketAddr {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let addr = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| listening_addr(&line));
+        let _ = tx.send(addr);
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .ok()
+        .flatten()
+        .expect("a listening line within 30 s")
+}
+
+/// Waits at most `limit` for `child` to exit.
+pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("poll the child") {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    condition()
+}
+
+/// One process as /proc/PID/stat describes it.
+struct ProcessEntry {
+    pid: i32,
+    zombie: bool,
+    parent: i32,
+    group: i32,
+}
+
+/// Every process on the machine.
+fn processes() -> Vec<ProcessEntry> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| process(entry.file_name().to_str()?.parse().ok()?))
+        .collect()
+}
+
+/// One process, if it exists.
+fn process(pid: i32) -> Option<ProcessEntry> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is parenthesised and may hold spaces; the fields after
+    // it are: state, ppid, pgrp, ...
+    let (_, after) = stat.rsplit_once(") ")?;
+    let mut fields = after.split_whitespace();
+    let zombie = fields.next()? == "Z";
+    let parent = fields.next()?.parse().ok()?;
+    let group = fields.next()?.parse().ok()?;
+    Some(ProcessEntry {
+        pid,
+        zombie,
+        parent,
+        group,
+    })
+}
+
+/// Live (not zombie) children of `parent`, sorted.
+pub fn children_of(parent: i32) -> Vec<i32> {
+    let mut children: Vec<i32> = processes()
+        .into_iter()
+        .filter(|p| p.parent == parent && !p.zombie)
+        .map(|p| p.pid)
+        .collect();
+    children.sort_unstable();
+    children
+}
+
+/// Live (not zombie) processes in the process group `pgid`.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|p| p.group == pgid && !p.zombie)
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// Whether `pid` is alive (a zombie counts as dead).
+pub fn process_alive(pid: i32) -> bool {
+    process(pid).is_some_and(|p| !p.zombie)
+}
