@@ -167,34 +167,16 @@ impl Conn {
     }
 }
 
-/// The demo merchants' secrets (as in merchants.demo.toml), written out here
-/// so the tests do not trust the crate's own copy.
-pub fn secret(merchant: &str) -> &'static str {
-    match merchant {
-        "acme" => "acme-demo-secret-5f2b9c",
-        "globex" => "globex-demo-secret-81d0e4",
-        "initech" => "initech-demo-secret-c73a16",
-        _ => "not-a-merchant",
-    }
-}
-
-/// Lower-case hex HMAC-SHA256 of `id|merchant|amount|currency`, computed
-/// here independently of the service's signing code.
-pub fn sign(secret: &str, id: &str, merchant: &str, amount: &str, currency: &str) -> String {
-    use hmac::{Hmac, KeyInit, Mac};
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("any key");
-    mac.update(format!("{id}|{merchant}|{amount}|{currency}").as_bytes());
-    hex::encode(mac.finalize().into_bytes())
-}
+#[path = "../signing/mod.rs"]
+mod signing;
+// Not every test binary signs lines.
+#[allow(unused_imports)]
+pub use signing::{secret, sign, HEADER as CSV_HEADER};
 
 /// A correctly signed settlement line.
 pub fn signed_line(id: &str, merchant: &str, amount: u64, currency: &str) -> String {
-    let amount = amount.to_string();
-    let sig = sign(secret(merchant), id, merchant, &amount, currency);
-    format!("{id},{merchant},{amount},{currency},{sig}")
+    signing::line(id, merchant, &amount.to_string(), currency)
 }
-
-pub const CSV_HEADER: &str = "id,merchant_id,amount,currency,signature";
 
 /// Reads one unfragmented server text frame (servers do not mask).
 pub fn read_text_frame(stream: &mut BufReader<TcpStream>) -> String {
