@@ -70,10 +70,7 @@ fn route(
         stream,
         header: PassedHeader { listener, client },
     };
-    balancer
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .route(connection);
+    Balancer::lock(balancer).route(connection);
 }
 
 /// Sends one worker its connections; if the worker is gone, gives them back
@@ -90,9 +87,7 @@ pub(crate) async fn dispatch(
         if let Err((err, connection)) = sender.send(connection).await {
             tracing::debug!("slot {slot}: cannot pass a connection ({err}); rerouting");
             connections.close();
-            let mut balancer = balancer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut balancer = Balancer::lock(&balancer);
             balancer.requeue(slot, generation, connection);
             while let Ok(connection) = connections.try_recv() {
                 balancer.requeue(slot, generation, connection);

@@ -8,6 +8,7 @@
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -47,6 +48,15 @@ pub(crate) struct Balancer {
 }
 
 impl Balancer {
+    /// Locks the balancer shared between the supervisor and the acceptors.
+    /// Both run on the primary's one thread, so a poisoned lock can only mean
+    /// a panic mid-call; its routes are still usable.
+    pub fn lock(shared: &Mutex<Balancer>) -> MutexGuard<'_, Balancer> {
+        shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn new(mode: Balance, slots: usize) -> Self {
         Balancer {
             mode,

@@ -175,14 +175,11 @@ impl Supervisor {
         Ok(())
     }
 
-    fn with_balancer(&self, action: impl FnOnce(&mut Balancer)) {
-        if let Some(balancer) = &self.balancer {
-            // Only this thread touches it; a poisoned lock still holds valid routes.
-            let mut balancer = balancer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            action(&mut balancer);
-        }
+    /// Runs `action` on the balancer, in the accept-and-pass modes.
+    fn with_balancer<R>(&self, action: impl FnOnce(&mut Balancer) -> R) -> Option<R> {
+        self.balancer
+            .as_deref()
+            .map(|balancer| action(&mut Balancer::lock(balancer)))
     }
 
     async fn run(mut self, admin: Option<std::net::TcpListener>) -> Result<()> {
@@ -578,15 +575,14 @@ impl Supervisor {
                 due.push(index);
             }
         }
-        let closed = self.balancer.as_ref().map_or(0, |balancer| {
-            let mut balancer = balancer
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (index, generation) in unresponsive {
-                balancer.worker_gone(index, generation);
-            }
-            balancer.expire(now, ready_timeout)
-        });
+        let closed = self
+            .with_balancer(|balancer| {
+                for (index, generation) in unresponsive {
+                    balancer.worker_gone(index, generation);
+                }
+                balancer.expire(now, ready_timeout)
+            })
+            .unwrap_or(0);
         if closed > 0 {
             tracing::warn!(
                 "closed {closed} connections that waited {} for a worker",

@@ -120,6 +120,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Queues a user message for the primary.
+    fn send_user(&self, message: ToPrimary) -> Result<()> {
+        self.to_primary
+            .send(message)
+            .map_err(|_| Error::Message("the channel to the primary is closed".to_owned()))
+    }
     fn stats(&self) -> WorkerStats {
         let mut stats = self.counters.snapshot();
         stats.event_loop_delay = self.loop_delay.snapshot();
@@ -239,11 +245,8 @@ impl Worker {
     /// # Ok(()) }
     /// ```
     pub fn send<T: Serialize>(&self, message: &T) -> Result<()> {
-        let payload = messages::encode(message)?;
         self.shared
-            .to_primary
-            .send(ToPrimary::User(payload))
-            .map_err(|_| Error::Message("the channel to the primary is closed".to_owned()))
+            .send_user(ToPrimary::User(messages::encode(message)?))
     }
 
     /// Publishes a message to every worker of the cluster (this one
@@ -256,11 +259,8 @@ impl Worker {
     /// # Ok(()) }
     /// ```
     pub fn broadcast<T: Serialize>(&self, message: &T) -> Result<()> {
-        let payload = messages::encode(message)?;
         self.shared
-            .to_primary
-            .send(ToPrimary::Broadcast(payload))
-            .map_err(|_| Error::Message("the channel to the primary is closed".to_owned()))
+            .send_user(ToPrimary::Broadcast(messages::encode(message)?))
     }
 
     /// Receives every message broadcast from now on, by any worker.
