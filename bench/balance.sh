@@ -55,19 +55,30 @@ for server in "${SERVERS[@]}"; do
   stop
 done
 
+# table RESULTS ERRORS_HEADER MODE...: a markdown row per server and mode from
+# the associative array named RESULTS ("RPS P99_MS ERRORS" values).
+table() {
+  local -n results=$1
+  local errors=$2
+  shift 2
+  echo "| server | connections | requests/s | p99 ms | $errors |"
+  echo "|---|---|---:|---:|---:|"
+  for mode in "$@"; do
+    for server in "${SERVERS[@]}"; do
+      read -r rps p99 errs <<<"${results["$server|$mode"]}"
+      echo "| $server | $mode | $rps | $p99 | $errs |"
+    done
+  done
+}
+# rate RESULTS SERVER MODE: the requests/s of one row.
+rate() { local -n results=$1; echo "${results["$2|$3"]}" | cut -d' ' -f1; }
+
 echo
 echo "Machine: $(nproc) cores, $(lscpu | sed -n 's/Model name:[ ]*//p'), $(uname -sr); node $(node --version)"
 echo "Command: bench/balance.sh $SECS   (wrk -t2 -c$CONNS -d${SECS}s --latency; $WORKERS workers each)"
 echo
-echo "| server | connections | requests/s | p99 ms | socket errors |"
-echo "|---|---|---:|---:|---:|"
-for mode in "keep-alive" "new connection"; do
-  for server in "${SERVERS[@]}"; do
-    read -r rps p99 errs <<<"${RESULT["$server|$mode"]}"
-    echo "| $server | $mode | $rps | $p99 | $errs |"
-  done
-done
-rps() { echo "${RESULT["$1|$2"]}" | cut -d' ' -f1; }
+table RESULT "socket errors" "keep-alive" "new connection"
+rps() { rate RESULT "$1" "$2"; }
 echo
 for mode in "keep-alive" "new connection"; do
   echo "- $mode: round-robin / reuseport $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(rps "corral sticky" "$mode")" "$(rps "corral reuseport" "$mode")")x, corral round-robin / node cluster $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "node cluster round-robin" "$mode")")x, corral sticky / node cluster $(ratio "$(rps "corral sticky" "$mode")" "$(rps "node cluster round-robin" "$mode")")x"
@@ -76,15 +87,8 @@ done
 echo
 echo "Many clients: bench/src/bin/loadgen.rs, $CONNS connections from $SOURCES loopback addresses, ${SECS}s"
 echo
-echo "| server | connections | requests/s | p99 ms | errors |"
-echo "|---|---|---:|---:|---:|"
-for mode in keep-alive new-connection; do
-  for server in "${SERVERS[@]}"; do
-    read -r rps p99 errs <<<"${MANY["$server|$mode"]}"
-    echo "| $server | $mode | $rps | $p99 | $errs |"
-  done
-done
-many() { echo "${MANY["$1|$2"]}" | cut -d' ' -f1; }
+table MANY "errors" keep-alive new-connection
+many() { rate MANY "$1" "$2"; }
 echo
 for mode in keep-alive new-connection; do
   echo "- $mode, many clients: round-robin / reuseport $(ratio "$(many "corral round-robin" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(many "corral sticky" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / node cluster $(ratio "$(many "corral sticky" "$mode")" "$(many "node cluster round-robin" "$mode")")x"

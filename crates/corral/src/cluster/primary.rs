@@ -807,9 +807,10 @@ impl Supervisor {
                 .map(AsRawFd::as_raw_fd)
                 .collect()
         };
-        let spawned = match &self.config.external {
-            Some(external) => spawn_program(&external.program, &self.args, index, &listeners),
-            None => spawn_worker(&self.program, &self.args, index, generation, &listeners),
+        let spawned = if self.config.external.is_some() {
+            spawn_program(&self.program, &self.args, index, &listeners)
+        } else {
+            spawn_worker(&self.program, &self.args, index, generation, &listeners)
         }
         .map_err(|source| Error::Spawn {
             exe: self.program.display().to_string(),

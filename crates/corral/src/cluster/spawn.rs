@@ -75,7 +75,7 @@ pub(crate) fn spawn_worker(
 /// the slot's listening sockets at descriptors 3, 4, ..., `LISTEN_FDS` their
 /// count, `LISTEN_PID` the program's own pid, and `CORRAL_INSTANCE` its slot.
 pub(crate) fn spawn_program(
-    program: &OsString,
+    program: &Path,
     args: &[OsString],
     slot: usize,
     listeners: &[RawFd],
