@@ -76,6 +76,15 @@ pub enum Error {
     /// A message could not be encoded, decoded or sent.
     #[error("{0}")]
     Message(String),
+    /// The queue of messages to the primary is full: the primary is not
+    /// keeping up. The message was not sent; send less often or retry later.
+    #[error("the message queue to the primary is full ({messages} messages, {bytes} bytes waiting); the message was not sent: send less often, or retry later")]
+    MessageQueueFull {
+        /// Messages waiting.
+        messages: usize,
+        /// Their payload bytes.
+        bytes: usize,
+    },
     /// The worker's serve future returned an error.
     #[error("worker failed: {0}")]
     Worker(#[source] BoxError),

@@ -84,10 +84,13 @@ fn balance_sticky_keeps_each_client_on_its_slot_across_a_restart() {
     let slot0_client = *mapping.iter().find(|(_, &slot)| slot == 0).unwrap().0;
     let (_, victim) = hello_from(&cluster, slot0_client).unwrap();
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    // Once the primary has seen the exit (a dying process's descriptors may
+    // outlive its zombie state by a moment), ...
+    let exit_line = format!("worker pid {victim} was killed by SIGKILL");
     assert!(support::wait_until(Duration::from_secs(10), || {
-        !support::process_alive(victim)
+        cluster.stderr().contains(&exit_line)
     }));
-    // A request sent now waits for the replacement rather than moving.
+    // ... a request sent now waits for the replacement rather than moving.
     let (slot, pid) = hello_from(&cluster, slot0_client).unwrap();
     assert_eq!(slot, 0);
     assert_ne!(pid, victim);

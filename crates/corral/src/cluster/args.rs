@@ -66,6 +66,10 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub min_uptime: Option<Duration>,
 
+    /// During a reload, each new worker must stay ready this long before the next slot moves (e.g. 2s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub reload_gate: Option<Duration>,
+
     /// Replace a worker after about this many requests.
     #[arg(long, value_name = "N")]
     pub max_requests: Option<u64>,
@@ -102,6 +106,9 @@ impl ClusterArgs {
         }
         if let Some(admin) = &self.admin {
             builder = builder.admin(admin.clone());
+        }
+        if let Some(gate) = self.reload_gate {
+            builder = builder.reload_gate(gate);
         }
         if let Some(uptime) = self.min_uptime {
             builder = builder.min_uptime(uptime);

@@ -65,6 +65,13 @@ impl Balancer {
         }
     }
 
+    /// Makes room for slots added at run time.
+    pub fn ensure_slots(&mut self, slots: usize) {
+        while self.slots.len() < slots {
+            self.slots.push(SlotRoute::default());
+        }
+    }
+
     /// Sends a new connection to the slot the policy picks.
     pub fn route(&mut self, connection: PassedConnection) {
         let slot = match self.mode {

@@ -260,6 +260,21 @@ impl ClusterBuilder {
         self
     }
 
+    /// During a rolling reload, how long each new worker must stay ready
+    /// before the next slot moves (default 2 s). A new generation that dies
+    /// within [`min_uptime`](Self::min_uptime) of becoming ready, during the
+    /// reload or after it, is rolled back slot by slot behind the same gate.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().reload_gate(Duration::from_secs(5));
+    /// # drop(b);
+    /// ```
+    pub fn reload_gate(mut self, gate: Duration) -> Self {
+        self.config.reload_gate = gate;
+        self
+    }
+
     /// Threads of each worker's CPU pool ([`Worker::pool`](crate::Worker::pool)).
     /// Default: the cores divided by the number of workers (at least one), so
     /// the whole cluster uses every core once without oversubscribing.

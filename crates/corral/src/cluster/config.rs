@@ -139,6 +139,8 @@ pub(crate) struct Config {
     pub restart_backoff_max: Duration,
     pub crash_loop_limit: u32,
     pub stable_after: Duration,
+    /// How long each new worker of a reload must stay ready before the next slot moves.
+    pub reload_gate: Duration,
     pub logging: bool,
     pub pool_threads: Option<usize>,
     pub pool_queue: Option<usize>,
@@ -176,6 +178,7 @@ impl Default for Config {
             restart_backoff_max: Duration::from_secs(10),
             crash_loop_limit: 5,
             stable_after: Duration::from_secs(5),
+            reload_gate: Duration::from_secs(2),
             logging: true,
             pool_threads: None,
             pool_queue: None,
@@ -186,34 +189,9 @@ impl Default for Config {
     }
 }
 
-impl Config {
-    /// The delay before the `failures`-th consecutive restart of a slot: the
-    /// first restart is immediate (a crash after a long healthy run should not
-    /// cost availability), then it doubles up to the maximum.
-    pub fn restart_delay(&self, failures: u32) -> Duration {
-        if failures <= 1 {
-            return Duration::ZERO;
-        }
-        let doublings = (failures - 2).min(16);
-        self.restart_backoff
-            .saturating_mul(1u32 << doublings)
-            .min(self.restart_backoff_max)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn restart_delay_is_immediate_then_doubles_up_to_the_cap() {
-        let config = Config::default();
-        assert_eq!(config.restart_delay(1), Duration::ZERO);
-        assert_eq!(config.restart_delay(2), Duration::from_millis(100));
-        assert_eq!(config.restart_delay(3), Duration::from_millis(200));
-        assert_eq!(config.restart_delay(4), Duration::from_millis(400));
-        assert_eq!(config.restart_delay(40), Duration::from_secs(10));
-    }
 
     #[test]
     fn worker_count_parsing_rejects_zero_and_words() {

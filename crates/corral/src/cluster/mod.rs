@@ -8,10 +8,12 @@ mod balancer;
 mod builder;
 mod config;
 mod messages;
+mod outbox;
 mod primary;
 mod request_tracking;
-mod slot;
 mod spawn;
+mod supervisor;
+mod watchdog;
 mod worker;
 
 #[cfg(feature = "clap")]

@@ -1,36 +1,51 @@
-//! The primary: one loop over events (a worker exited, a message arrived, a
-//! signal, a timer tick) and one place, [`Supervisor::handle`], that decides
-//! what to do about each — the shape of nginx's master cycle.
+//! The primary's executor: it turns what happens in the world (a child
+//! exits, a worker's message arrives, a signal, a deadline) into
+//! [`supervisor::Event`]s, asks [`supervisor::decide`] what to do, and does
+//! it (spawn, drain, kill, route, announce, exit). Every decision is made in
+//! the supervisor; nothing here chooses.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::signal::unix::{signal, SignalKind};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::sync::mpsc;
 
+use super::acceptor::{accept_and_pass, dispatch};
 use super::admin::{self, SharedStatus};
 use super::balancer::Balancer;
 use super::config::Config;
 use super::messages::Message;
-use super::slot::{Position, Slot, WorkerProcess};
-use super::spawn::{spawn_program, spawn_worker};
+use super::spawn::{is_transient, spawn_program, spawn_worker, Program};
+use super::supervisor::{
+    self, Action, Build, DrainBy, Event, Kind, Level, Phase, Plan, ReplyId, Route, Rules,
+    ScaleTarget, SlotState, SpawnError, State, WorkerId,
+};
 use crate::error::{Error, Result};
 use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
-use crate::metrics::status::{ClusterStatus, SlotStatus, WorkerStatus};
+use crate::metrics::status::{
+    ClusterStatus, ReloadStatus, SlotStatus, WorkerStatus, WorkerSummary,
+};
 use crate::net::bind::{bind_all, bind_error, resolve, BoundAddress};
-use crate::net::fd_passing::ConnectionSender;
+use crate::net::fd_passing::{ConnectionSender, PassedConnection};
 
-use super::acceptor::{accept_and_pass, dispatch};
-
-/// How often timers (ready, heartbeat and drain deadlines, restarts) are checked.
-const TICK: Duration = Duration::from_millis(50);
+/// The longest the loop sleeps: status figures (CPU %, req/s) refresh at least this often.
+const REFRESH: Duration = Duration::from_secs(1);
+/// Messages queued for one worker at most, and their bytes: a slow worker
+/// loses broadcasts (counted, logged) instead of growing the primary.
+const WORKER_OUTBOX_MESSAGES: usize = 1024;
+const WORKER_OUTBOX_BYTES: usize = 16 << 20;
+/// What the world reports, queued for the loop (bounded: a flooding worker
+/// waits on its own channel, it cannot grow the primary).
+const INPUT_QUEUE: usize = 4096;
 
 /// Runs the primary role until a graceful stop or a fatal error.
 pub(crate) fn run(config: Config) -> Result<()> {
@@ -51,105 +66,493 @@ pub(crate) fn run(config: Config) -> Result<()> {
             let listener =
                 std::net::TcpListener::bind(addr).map_err(|err| bind_error(addr, err))?;
             listener.set_nonblocking(true)?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    "--admin {addr} is not a loopback address: its pages have no authentication, so anyone who can reach it sees the cluster's status"
+                );
+            }
             Some(listener)
         }
         None => None,
     };
-    let (program, args) = match &config.external {
-        Some(external) => (PathBuf::from(&external.program), external.args.clone()),
-        None => (
-            std::env::current_exe()?,
-            std::env::args_os().skip(1).collect(),
-        ),
+    let (program_path, first, args) = match &config.external {
+        Some(external) => {
+            let path = PathBuf::from(&external.program);
+            (path.clone(), Program::Path(path), external.args.clone())
+        }
+        None => {
+            let path = std::env::current_exe()?;
+            // The first generation is the very program running now.
+            let pinned = Program::pin(std::path::Path::new("/proc/self/exe"))
+                .map(|program| match program {
+                    Program::Pinned { file, .. } => Program::Pinned {
+                        file,
+                        path: path.clone(),
+                    },
+                    other => other,
+                })
+                .unwrap_or_else(|_| Program::Path(path.clone()));
+            (path, pinned, std::env::args_os().skip(1).collect())
+        }
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(Supervisor::new(config, bound, program, args, slots).run(admin))
+    runtime.block_on(async move {
+        let executor = Executor::new(config, bound, program_path, first, args, slots);
+        executor.run(admin).await
+    })
 }
 
-/// Something the supervisor must react to.
-#[derive(Debug)]
-enum Event {
-    Exited {
-        slot: usize,
-        generation: u64,
-        status: std::io::Result<ExitStatus>,
-    },
-    Message {
-        slot: usize,
-        generation: u64,
-        message: ToPrimary,
-    },
-    ChannelClosed {
-        slot: usize,
-        generation: u64,
-        error: ChannelError,
-    },
-    Stop(&'static str),
-    Reload,
-    Tick,
+fn rules(config: &Config) -> Rules {
+    Rules {
+        kind: match config.external {
+            Some(_) => Kind::External {
+                ready_after: config.ready_after,
+            },
+            None => Kind::Corral,
+        },
+        ready_timeout: config.ready_timeout,
+        heartbeat_timeout: config.heartbeat_timeout,
+        shutdown_timeout: config.shutdown_timeout,
+        min_uptime: config.stable_after,
+        reload_gate: config.reload_gate,
+        crash_loop_limit: config.crash_loop_limit,
+        restart_backoff: config.restart_backoff,
+        restart_backoff_max: config.restart_backoff_max,
+        retry_first: Duration::from_secs(1),
+        retry_max: Duration::from_secs(30),
+        max_memory: config.max_memory,
+    }
 }
 
-/// A rolling reload in progress: the slots still to replace, one at a time.
-#[derive(Debug)]
-struct Reload {
-    waiting_on: Option<usize>,
-    queue: VecDeque<usize>,
+/// What the world reports to the loop.
+enum Input {
+    /// Boxed: heartbeats carry a worker's figures, the other inputs are small.
+    Event(Box<Event>),
+    /// A user message for the primary's handler.
+    User { slot: usize, payload: Vec<u8> },
+    /// A user message for every worker.
+    Broadcast { slot: usize, payload: Vec<u8> },
 }
 
-struct Supervisor {
+/// A queue of messages to one worker, bounded in count and bytes.
+#[derive(Clone)]
+struct Outbox {
+    sender: mpsc::Sender<ToWorker>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    fn new() -> (Outbox, mpsc::Receiver<ToWorker>) {
+        let (sender, receiver) = mpsc::channel(WORKER_OUTBOX_MESSAGES);
+        (
+            Outbox {
+                sender,
+                bytes: Arc::default(),
+            },
+            receiver,
+        )
+    }
+
+    /// False when the worker's queue is full (or gone).
+    fn try_send(&self, message: ToWorker) -> bool {
+        let size = message_size(&message);
+        if self.bytes.load(Ordering::Relaxed) + size > WORKER_OUTBOX_BYTES {
+            return false;
+        }
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        if self.sender.try_send(message).is_err() {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+fn message_size(message: &ToWorker) -> usize {
+    match message {
+        ToWorker::Broadcast { payload, .. } => payload.len(),
+        _ => 0,
+    }
+}
+
+/// What the executor holds for one live worker process.
+struct Handle {
+    pid: u32,
+    outbox: Option<Outbox>,
+    /// Where the balancer sends its connections (accept-and-pass modes).
+    connections: Option<mpsc::UnboundedSender<PassedConnection>>,
+    /// Broadcasts it could not take.
+    dropped: u64,
+    vitals: Vitals,
+}
+
+/// Figures the primary measures itself, from /proc and between heartbeats.
+#[derive(Default)]
+struct Vitals {
+    cpu_ticks: Option<(Instant, u64)>,
+    cpu_percent: Option<f64>,
+    rss_bytes: Option<u64>,
+    requests: Option<(Instant, u64)>,
+    requests_per_s: Option<f64>,
+}
+
+struct Executor {
     config: Config,
+    name: String,
+    state: State,
     bound: Vec<BoundAddress>,
-    program: PathBuf,
+    /// Where a reload pins the next generation from.
+    program_path: PathBuf,
+    programs: HashMap<Build, Program>,
     args: Vec<OsString>,
-    slots: Vec<Slot>,
-    events_tx: mpsc::UnboundedSender<Event>,
-    events: mpsc::UnboundedReceiver<Event>,
-    reload: Option<Reload>,
-    stopping: bool,
-    announced: bool,
+    handles: HashMap<WorkerId, Handle>,
+    inputs_tx: mpsc::Sender<Input>,
+    inputs: mpsc::Receiver<Input>,
     /// Present in the accept-and-pass modes.
     balancer: Option<Arc<Mutex<Balancer>>>,
     acceptors: Vec<tokio::task::JoinHandle<()>>,
-    /// What the admin pages show, refreshed after every event.
+    /// The routes last applied to the balancer.
+    routes: Vec<Route>,
     status: SharedStatus,
+    started: Instant,
+    replies: HashMap<ReplyId, tokio::sync::oneshot::Sender<Result<String, String>>>,
+    /// Events the actions produced (a spawn's outcome), handled before new input.
+    follow_ups: VecDeque<Event>,
+    exit: Option<Result<()>>,
 }
 
-/// What the loop does after an event.
-enum Flow {
-    Continue,
-    Exit(Result<()>),
-}
-
-impl Supervisor {
+impl Executor {
     fn new(
         config: Config,
         bound: Vec<BoundAddress>,
-        program: PathBuf,
+        program_path: PathBuf,
+        first: Program,
         args: Vec<OsString>,
         slots: usize,
     ) -> Self {
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (inputs_tx, inputs) = mpsc::channel(INPUT_QUEUE);
         let balancer = config
             .balance
             .passes_connections()
             .then(|| Arc::new(Mutex::new(Balancer::new(config.balance, slots))));
-        Supervisor {
+        let name = program_path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "corral".to_owned());
+        let state = State::new(rules(&config), slots);
+        Executor {
             config,
+            name,
+            state,
             bound,
-            program,
+            program_path,
+            programs: HashMap::from([(1, first)]),
             args,
-            slots: (0..slots).map(Slot::new).collect(),
-            events_tx,
-            events,
-            reload: None,
-            stopping: false,
-            announced: false,
+            handles: HashMap::new(),
+            inputs_tx,
+            inputs,
             balancer,
             acceptors: Vec::new(),
+            routes: Vec::new(),
             status: SharedStatus::default(),
+            started: Instant::now(),
+            replies: HashMap::new(),
+            follow_ups: VecDeque::new(),
+            exit: None,
         }
+    }
+
+    async fn run(mut self, admin: Option<std::net::TcpListener>) -> Result<()> {
+        if let Some(listener) = admin {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tracing::info!(
+                "admin: http://{}/ (dashboard), /status, /metrics",
+                listener.local_addr()?
+            );
+            tokio::spawn(admin::serve(listener, self.status.clone()));
+        }
+        self.listen_to_signals()?;
+        tracing::info!("program: {}", self.program_path.display());
+        self.start_acceptors()?;
+        self.apply(Event::Start);
+        loop {
+            if let Some(result) = self.exit.take() {
+                return result;
+            }
+            let now = Instant::now();
+            let wake = self
+                .state
+                .next_deadline()
+                .map_or(now + REFRESH, |deadline| deadline.min(now + REFRESH));
+            let input = tokio::select! {
+                Some(input) = self.inputs.recv() => Some(input),
+                _ = tokio::time::sleep_until(wake.into()) => None,
+            };
+            match input {
+                Some(Input::Event(event)) => {
+                    let event = *event;
+                    if let (Event::Heartbeat { id, stats }, Some(balancer)) =
+                        (&event, &self.balancer)
+                    {
+                        Balancer::lock(balancer).report(id.slot, id.serial, stats.connections_open);
+                    }
+                    self.apply(event)
+                }
+                Some(Input::User { slot, payload }) => self.on_user_message(slot, payload),
+                Some(Input::Broadcast { slot, payload }) => self.broadcast(slot, payload),
+                None => {
+                    self.expire_waiting_connections();
+                    self.sample_vitals();
+                    self.apply(Event::Timer);
+                }
+            }
+        }
+    }
+
+    /// Decides on `event` and everything that follows from it, performs the
+    /// actions, then brings routes and status up to date.
+    fn apply(&mut self, event: Event) {
+        self.follow_ups.push_back(event);
+        while let Some(event) = self.follow_ups.pop_front() {
+            let actions = supervisor::decide(&mut self.state, event, Instant::now());
+            for action in actions {
+                self.perform(action);
+            }
+        }
+        self.sync_routes();
+        self.publish_status();
+    }
+
+    fn perform(&mut self, action: Action) {
+        match action {
+            Action::Spawn { id, build } => {
+                let event = match self.spawn(id, build) {
+                    Ok(pid) => Event::Spawned { id, pid },
+                    Err(err) => Event::SpawnFailed {
+                        id,
+                        error: SpawnError {
+                            transient: is_transient(&err),
+                            message: err.to_string(),
+                        },
+                    },
+                };
+                self.follow_ups.push_back(event);
+            }
+            Action::Drain { id, by, backlog } => self.drain(id, by, backlog),
+            Action::Kill { id } => {
+                if let Some(handle) = self.handles.get_mut(&id) {
+                    handle.connections = None;
+                    // The pid cannot have been reused: the process is only
+                    // reaped by the task that reports its exit, after which
+                    // its handle is gone.
+                    let _ = kill(Pid::from_raw(handle.pid as i32), Signal::SIGKILL);
+                }
+            }
+            Action::PinBuild { generation } => {
+                let event = match self.pin() {
+                    Ok(program) => {
+                        tracing::info!(
+                            "reload: generation {generation} is {}",
+                            program.path().display()
+                        );
+                        self.programs.insert(generation, program);
+                        Event::BuildPinned { generation }
+                    }
+                    Err(err) => Event::BuildUnavailable {
+                        generation,
+                        error: format!("{}: {err}", self.program_path.display()),
+                    },
+                };
+                self.follow_ups.push_back(event);
+            }
+            Action::ForgetBuild { generation } => {
+                self.programs.remove(&generation);
+            }
+            Action::Announce => self.announce(),
+            Action::Reply { to, result } => {
+                if let Some(reply) = self.replies.remove(&to) {
+                    let _ = reply.send(result);
+                }
+            }
+            Action::Log { level, message } => match level {
+                Level::Debug => tracing::debug!("{message}"),
+                Level::Info => tracing::info!("{message}"),
+                Level::Warn => tracing::warn!("{message}"),
+                Level::Error => tracing::error!("{message}"),
+            },
+            Action::Exit(result) => {
+                for acceptor in self.acceptors.drain(..) {
+                    acceptor.abort();
+                }
+                self.exit = Some(result.map_err(|detail| Error::CrashLoop { detail }));
+            }
+        }
+    }
+
+    /// Opens the program for a new generation.
+    fn pin(&self) -> std::io::Result<Program> {
+        if self.config.external.is_some() {
+            // Looked up by name at each start: its interpreter (or `sh`)
+            // reopens it by path anyway.
+            return Ok(Program::Path(self.program_path.clone()));
+        }
+        Program::pin(&self.program_path)
+    }
+
+    fn spawn(&mut self, id: WorkerId, build: Build) -> std::io::Result<u32> {
+        let slot = id.slot;
+        let program = self.programs.get(&build).ok_or_else(|| {
+            std::io::Error::other(format!(
+                "the program of generation {build} is no longer open"
+            ))
+        })?;
+        if let Some(balancer) = &self.balancer {
+            Balancer::lock(balancer).ensure_slots(slot + 1);
+        }
+        // In the accept-and-pass modes only the primary accepts.
+        let listeners: Vec<_> = if self.balancer.is_some() {
+            Vec::new()
+        } else {
+            for address in &mut self.bound {
+                address.ensure_slot(slot).map_err(std::io::Error::other)?;
+                address.reopen_slot(slot).map_err(std::io::Error::other)?;
+            }
+            self.bound
+                .iter()
+                .filter_map(|address| address.socket_for_slot(slot))
+                .map(AsRawFd::as_raw_fd)
+                .collect()
+        };
+        let spawned = if self.config.external.is_some() {
+            spawn_program(program.path(), &self.args, slot, &listeners)
+        } else {
+            spawn_worker(program, &self.args, slot, id.serial, &listeners)
+        }?;
+        let pid = spawned.pid;
+        let inputs = self.inputs_tx.clone();
+        let mut child = spawned.child;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let how = describe_exit(&status);
+            let _ = inputs
+                .send(Input::Event(Box::new(Event::Exited { id, how })))
+                .await;
+        });
+        let outbox = spawned.ipc.map(|ipc| {
+            let (outbox, queue) = Outbox::new();
+            tokio::spawn(relay(
+                id,
+                ipc,
+                queue,
+                outbox.bytes.clone(),
+                self.inputs_tx.clone(),
+            ));
+            outbox
+        });
+        let connections = match (&self.balancer, spawned.connections) {
+            (Some(balancer), Some(connections)) => {
+                let sender = ConnectionSender::new(connections)?;
+                let (connections_tx, connections) = mpsc::unbounded_channel();
+                tokio::spawn(dispatch(
+                    slot,
+                    id.serial,
+                    sender,
+                    connections,
+                    balancer.clone(),
+                ));
+                Some(connections_tx)
+            }
+            // The worker sees its end close and accepts from its own sockets.
+            _ => None,
+        };
+        self.handles.insert(
+            id,
+            Handle {
+                pid,
+                outbox,
+                connections,
+                dropped: 0,
+                vitals: Vitals::default(),
+            },
+        );
+        Ok(pid)
+    }
+
+    fn drain(&mut self, id: WorkerId, by: DrainBy, backlog: bool) {
+        let Some(handle) = self.handles.get_mut(&id) else {
+            return;
+        };
+        // Closing our side of the connection queue lets the worker know when
+        // the last connection passed to it has arrived.
+        handle.connections = None;
+        match by {
+            DrainBy::Signal => {
+                let _ = kill(Pid::from_raw(handle.pid as i32), Signal::SIGTERM);
+            }
+            DrainBy::Message => {
+                let message = if backlog {
+                    ToWorker::Retire
+                } else {
+                    ToWorker::Drain
+                };
+                // A worker whose queue is full or gone is killed at its deadline.
+                if let Some(outbox) = &handle.outbox {
+                    let _ = outbox.sender.try_send(message);
+                }
+            }
+        }
+    }
+
+    fn on_user_message(&mut self, slot: usize, payload: Vec<u8>) {
+        match &self.config.on_message {
+            Some(hook) => {
+                let mut handler = hook
+                    .0
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                handler(slot, Message::new(payload));
+            }
+            None => tracing::debug!("slot {slot}: message dropped: no on_message handler"),
+        }
+    }
+
+    fn broadcast(&mut self, from: usize, payload: Vec<u8>) {
+        for (id, handle) in &mut self.handles {
+            let Some(outbox) = &handle.outbox else {
+                continue;
+            };
+            let message = ToWorker::Broadcast {
+                from_slot: from as u32,
+                payload: payload.clone(),
+            };
+            if !outbox.try_send(message) {
+                handle.dropped += 1;
+                if handle.dropped.is_power_of_two() {
+                    tracing::warn!(
+                        "slot {}: worker pid {} is not keeping up with broadcasts; {} dropped so far",
+                        id.slot,
+                        handle.pid,
+                        handle.dropped
+                    );
+                }
+            }
+        }
+    }
+
+    fn announce(&mut self) {
+        let mut stdout = std::io::stdout().lock();
+        for address in &self.bound {
+            let _ = writeln!(
+                stdout,
+                "corral: listening on http://{} ({} workers, balance={})",
+                address.local,
+                self.state.slots.len(),
+                self.config.balance
+            );
+        }
+        let _ = stdout.flush();
     }
 
     /// In the accept-and-pass modes, one task per address accepts and hands
@@ -175,717 +578,346 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Runs `action` on the balancer, in the accept-and-pass modes.
-    fn with_balancer<R>(&self, action: impl FnOnce(&mut Balancer) -> R) -> Option<R> {
-        self.balancer
-            .as_deref()
-            .map(|balancer| action(&mut Balancer::lock(balancer)))
-    }
-
-    async fn run(mut self, admin: Option<std::net::TcpListener>) -> Result<()> {
-        if let Some(listener) = admin {
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            tracing::info!(
-                "admin: http://{}/ (dashboard), /status, /metrics",
-                listener.local_addr()?
-            );
-            tokio::spawn(admin::serve(listener, self.status.clone()));
-        }
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-
-        tracing::info!(
-            "starting {} workers from {}",
-            self.slots.len(),
-            self.program.display()
-        );
-        self.start_acceptors()?;
-        for index in 0..self.slots.len() {
-            if let Flow::Exit(result) = self.fill_slot(index) {
-                return result;
-            }
-        }
-        loop {
-            let event = tokio::select! {
-                Some(event) = self.events.recv() => event,
-                _ = term.recv() => Event::Stop("SIGTERM"),
-                _ = int.recv() => Event::Stop("SIGINT"),
-                _ = hup.recv() => Event::Reload,
-                _ = tick.tick() => Event::Tick,
-            };
-            if let Flow::Exit(result) = self.handle(event) {
-                return result;
-            }
-            self.publish_status();
-        }
-    }
-
-    fn resolve_program(&self) -> std::io::Result<PathBuf> {
-        if self.config.external.is_some() {
-            return Ok(self.program.clone());
-        }
-        std::fs::canonicalize(&self.program)
-    }
-
-    /// Refreshes the snapshot the admin pages read.
-    fn publish_status(&self) {
-        if self.config.admin.is_none() {
+    /// Brings the balancer and the sockets in line with the routes the
+    /// supervisor's state implies.
+    fn sync_routes(&mut self) {
+        // Handles of workers that are gone.
+        let live: Vec<WorkerId> = self.state.workers().map(|w| w.id).collect();
+        self.handles.retain(|id, _| live.contains(id));
+        let routes = self.state.routes();
+        if routes == self.routes {
             return;
         }
-        let now = Instant::now();
-        let snapshot = ClusterStatus {
-            pid: std::process::id(),
-            balance: self.config.balance.to_string(),
-            listen: self.bound.iter().map(|a| a.local.to_string()).collect(),
-            reloading: self.reload.is_some(),
-            stopping: self.stopping,
-            slots: self
-                .slots
-                .iter()
-                .map(|slot| SlotStatus {
-                    slot: slot.index,
-                    starts: slot.next_generation,
-                    failures: slot.failures,
-                    gave_up: slot.gave_up,
-                    worker: slot.current.as_ref().map(|worker| WorkerStatus {
-                        pid: worker.pid,
-                        generation: worker.generation,
-                        state: if worker.is_ready() {
-                            "ready"
-                        } else {
-                            "starting"
-                        },
-                        uptime_seconds: now.duration_since(worker.started).as_secs_f64(),
-                        stats: worker.stats.clone(),
-                    }),
-                    draining: slot.retiring.iter().map(|worker| worker.pid).collect(),
-                })
-                .collect(),
+        let old = std::mem::replace(&mut self.routes, routes.clone());
+        if self.state.stopping {
+            for acceptor in self.acceptors.drain(..) {
+                acceptor.abort();
+            }
+            if let Some(balancer) = &self.balancer {
+                Balancer::lock(balancer).clear();
+            }
+        }
+        if let Some(balancer) = &self.balancer {
+            let mut balancer = Balancer::lock(balancer);
+            for (slot, route) in routes.iter().enumerate() {
+                let before = old.get(slot).copied().unwrap_or(Route::Hold);
+                if before == *route {
+                    continue;
+                }
+                if before == Route::Away {
+                    balancer.slot_back(slot);
+                }
+                match *route {
+                    Route::Serve(id) => {
+                        if let Some(connections) =
+                            self.handles.get(&id).and_then(|h| h.connections.clone())
+                        {
+                            balancer.worker_ready(slot, id.serial, connections);
+                        }
+                    }
+                    Route::Hold => {
+                        if let Route::Serve(id) = before {
+                            balancer.worker_gone(slot, id.serial);
+                        }
+                    }
+                    Route::Away => balancer.slot_given_up(slot),
+                }
+            }
+            for slot in routes.len()..old.len() {
+                balancer.slot_given_up(slot);
+            }
+        } else {
+            // Without steering, a slot nobody will serve for a while must not
+            // collect its share of new connections: close its socket (it
+            // rejoins the group when the slot is tried again).
+            for (slot, state) in self.state.slots.iter().enumerate() {
+                if matches!(state.plan, Plan::GivenUp { .. }) {
+                    for address in &mut self.bound {
+                        address.close_slot(slot);
+                    }
+                }
+            }
+            for slot in routes.len()..old.len() {
+                for address in &mut self.bound {
+                    address.close_slot(slot);
+                }
+            }
+        }
+    }
+
+    /// Connections that waited too long for their slot's worker are closed.
+    fn expire_waiting_connections(&mut self) {
+        let Some(balancer) = &self.balancer else {
+            return;
         };
+        let limit = self.config.ready_timeout;
+        let closed = Balancer::lock(balancer).expire(Instant::now(), limit);
+        if closed > 0 {
+            tracing::warn!(
+                "closed {closed} connections that waited {} for a worker",
+                humantime::format_duration(limit)
+            );
+        }
+    }
+
+    /// CPU and memory from /proc for every worker (external programs send
+    /// no heartbeat, so this is all we know of them).
+    fn sample_vitals(&mut self) {
+        let now = Instant::now();
+        for handle in self.handles.values_mut() {
+            let Some((ticks, rss)) = read_proc_figures(handle.pid) else {
+                continue;
+            };
+            let vitals = &mut handle.vitals;
+            if let Some((at, before)) = vitals.cpu_ticks {
+                let elapsed = now.duration_since(at).as_secs_f64();
+                if elapsed > 0.0 {
+                    let seconds = ticks.saturating_sub(before) as f64 / clock_ticks_per_second();
+                    vitals.cpu_percent = Some((seconds / elapsed * 100.0 * 10.0).round() / 10.0);
+                }
+            }
+            vitals.cpu_ticks = Some((now, ticks));
+            vitals.rss_bytes = Some(rss);
+        }
+    }
+
+    /// Refreshes the snapshot the admin pages and the control socket read.
+    fn publish_status(&mut self) {
+        let now = Instant::now();
+        // Requests per second between heartbeats.
+        for slot in &self.state.slots {
+            for worker in slot.workers() {
+                let Some(handle) = self.handles.get_mut(&worker.id) else {
+                    continue;
+                };
+                let total = worker.stats.requests_total;
+                let vitals = &mut handle.vitals;
+                match vitals.requests {
+                    Some((at, before))
+                        if total != before || now.duration_since(at) > REFRESH * 3 =>
+                    {
+                        let elapsed = now.duration_since(at).as_secs_f64();
+                        if elapsed >= 0.2 {
+                            vitals.requests_per_s = Some(
+                                ((total.saturating_sub(before)) as f64 / elapsed * 10.0).round()
+                                    / 10.0,
+                            );
+                            vitals.requests = Some((now, total));
+                        }
+                    }
+                    None => vitals.requests = Some((now, total)),
+                    _ => {}
+                }
+            }
+        }
+        let snapshot = self.snapshot(now);
         *self
             .status
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = snapshot;
     }
 
-    /// The one place that decides.
-    fn handle(&mut self, event: Event) -> Flow {
-        match event {
-            Event::Exited {
-                slot,
-                generation,
-                status,
-            } => self.on_exit(slot, generation, status),
-            Event::Message {
-                slot,
-                generation,
-                message,
-            } => self.on_message(slot, generation, message),
-            Event::ChannelClosed {
-                slot,
-                generation,
-                error,
-            } => {
-                self.on_channel_closed(slot, generation, error);
-                Flow::Continue
-            }
-            Event::Stop(signal) => self.on_stop(signal),
-            Event::Reload => self.on_reload(),
-            Event::Tick => self.on_tick(),
-        }
-    }
-
-    fn on_exit(
-        &mut self,
-        index: usize,
-        generation: u64,
-        status: std::io::Result<ExitStatus>,
-    ) -> Flow {
-        let stable_after = self.config.stable_after;
-        let slot = &mut self.slots[index];
-        let Some((position, worker)) = slot.remove(generation) else {
-            return Flow::Continue;
-        };
-        let how = describe_exit(&status);
-        self.with_balancer(|b| b.worker_gone(index, generation));
-        let slot = &mut self.slots[index];
-        let flow = match position {
-            Position::Retiring => {
-                tracing::debug!("slot {index}: drained worker pid {} {how}", worker.pid);
-                Flow::Continue
-            }
-            Position::Replacement => {
-                tracing::error!(
-                    "slot {index}: new worker pid {} {how} before it was ready; the old worker keeps serving",
-                    worker.pid
-                );
-                if slot.current.is_none() {
-                    self.on_failure(index, format!("worker pid {} {how}", worker.pid))
-                } else {
-                    self.fail_reload(index);
-                    Flow::Continue
-                }
-            }
-            Position::Current if self.stopping || worker.is_draining() => {
-                tracing::debug!("slot {index}: worker pid {} {how}", worker.pid);
-                Flow::Continue
-            }
-            Position::Current => {
-                if worker
-                    .ready_since
-                    .is_some_and(|since| since.elapsed() >= stable_after)
-                {
-                    slot.failures = 0;
-                }
-                let what = if worker.is_ready() {
-                    format!("worker pid {} {how}", worker.pid)
-                } else {
-                    format!("worker pid {} {how} before it was ready", worker.pid)
-                };
-                if slot.replacement.is_some() {
-                    // A replacement is already starting; it takes over when ready.
-                    tracing::warn!("slot {index}: {what}; its replacement is starting");
-                    Flow::Continue
-                } else {
-                    self.on_failure(index, what)
-                }
-            }
-        };
-        if let Flow::Exit(_) = flow {
-            return flow;
-        }
-        if self.stopping
-            && self
-                .slots
-                .iter()
-                .all(|slot| slot.workers().next().is_none())
-        {
-            tracing::info!("all workers stopped");
-            return Flow::Exit(Ok(()));
-        }
-        Flow::Continue
-    }
-
-    fn on_message(&mut self, index: usize, generation: u64, message: ToPrimary) -> Flow {
-        let max_memory = self.config.max_memory;
-        let Some((position, worker)) = self.slots[index].find_mut(generation) else {
-            return Flow::Continue;
-        };
-        match message {
-            ToPrimary::Ready => {
-                let now = Instant::now();
-                worker.ready_since = Some(now);
-                worker.last_heartbeat = now;
-                tracing::info!("slot {index}: worker pid {} is ready", worker.pid);
-                match position {
-                    Position::Replacement => self.promote_replacement(index),
-                    Position::Current => {
-                        let connections = worker.connections.clone();
-                        if let Some(connections) = connections {
-                            self.with_balancer(|b| b.worker_ready(index, generation, connections));
-                        }
-                    }
-                    Position::Retiring => {}
-                }
-                self.announce_when_serving();
-            }
-            ToPrimary::Heartbeat(stats) => {
-                worker.last_heartbeat = Instant::now();
-                let over_memory = max_memory.filter(|&limit| stats.rss_bytes > limit);
-                let open = stats.connections_open;
-                worker.stats = stats;
-                let rss = worker.stats.rss_bytes;
-                self.with_balancer(|b| b.report(index, generation, open));
-                if let (Position::Current, Some(limit)) = (position, over_memory) {
-                    let reason = format!(
-                        "resident memory {} MiB is over the limit of {} MiB",
-                        rss >> 20,
-                        limit >> 20
-                    );
-                    self.recycle(index, &reason);
-                }
-            }
-            ToPrimary::Recycle { reason } => {
-                if position == Position::Current {
-                    self.recycle(index, &reason);
-                }
-            }
-            ToPrimary::User(payload) => match &self.config.on_message {
-                Some(hook) => {
-                    let mut handler = hook
-                        .0
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    handler(index, Message::new(payload));
-                }
-                None => tracing::debug!("slot {index}: message dropped: no on_message handler"),
-            },
-            ToPrimary::Broadcast(payload) => {
-                for worker in self.slots.iter().flat_map(Slot::workers) {
-                    worker.send(ToWorker::Broadcast {
-                        from_slot: index as u32,
-                        payload: payload.clone(),
-                    });
-                }
-            }
-        }
-        Flow::Continue
-    }
-
-    fn on_channel_closed(&mut self, index: usize, generation: u64, error: ChannelError) {
-        let stopping = self.stopping;
-        let Some((_, worker)) = self.slots[index].find_mut(generation) else {
-            return;
-        };
-        match error {
-            // The usual end of a worker: its exit follows as its own event.
-            ChannelError::Closed => {}
-            error if !stopping && !worker.is_draining() => {
-                tracing::warn!(
-                    "slot {index}: worker pid {} broke its IPC channel ({error}); killing and replacing it",
-                    worker.pid
-                );
-                worker.kill();
-                self.with_balancer(|b| b.worker_gone(index, generation));
-            }
-            error => tracing::debug!("slot {index}: channel error while draining: {error}"),
-        }
-    }
-
-    fn on_stop(&mut self, signal: &'static str) -> Flow {
-        if self.stopping {
-            if signal == "SIGINT" {
-                tracing::warn!("second SIGINT: killing every worker now");
-                self.slots
-                    .iter_mut()
-                    .flat_map(Slot::workers_mut)
-                    .for_each(WorkerProcess::kill);
-            }
-            return Flow::Continue;
-        }
-        self.stopping = true;
-        self.reload = None;
-        for acceptor in self.acceptors.drain(..) {
-            acceptor.abort();
-        }
-        self.with_balancer(Balancer::clear);
-        let deadline = Instant::now() + self.config.shutdown_timeout;
-        let mut draining = 0;
-        for slot in &mut self.slots {
-            slot.restart_at = None;
-            for worker in slot.workers_mut() {
-                worker.drain(deadline);
-                draining += 1;
-            }
-        }
-        tracing::info!(
-            "{signal}: stopping; draining {draining} workers (killed after {})",
-            humantime::format_duration(self.config.shutdown_timeout)
-        );
-        if draining == 0 {
-            return Flow::Exit(Ok(()));
-        }
-        Flow::Continue
-    }
-
-    fn on_reload(&mut self) -> Flow {
-        if self.stopping {
-            return Flow::Continue;
-        }
-        if self.reload.is_some() {
-            tracing::warn!("SIGHUP: a reload is already in progress; ignored");
-            return Flow::Continue;
-        }
-        // Take whatever binary is at the path now, so a rebuilt program is
-        // what the new workers run (an external program is looked up again
-        // on every start anyway).
-        match self.resolve_program() {
-            Ok(path) => self.program = path,
-            Err(err) => {
-                tracing::error!(
-                    "SIGHUP: cannot reload: {} is not readable ({err}); workers keep running",
-                    self.program.display()
-                );
-                return Flow::Continue;
-            }
-        }
-        tracing::info!(
-            "SIGHUP: rolling reload of {} slots from {}",
-            self.slots.len(),
-            self.program.display()
-        );
-        self.reload = Some(Reload {
-            waiting_on: None,
-            queue: (0..self.slots.len()).collect(),
-        });
-        self.advance_reload()
-    }
-
-    fn on_tick(&mut self) -> Flow {
-        let now = Instant::now();
-        let ready_timeout = self.config.ready_timeout;
-        let heartbeat_timeout = self.config.heartbeat_timeout;
-        let stopping = self.stopping;
-        let mut due = Vec::new();
-        let mut unresponsive = Vec::new();
-        let mut settled = Vec::new();
-        let ready_after = self.config.ready_after;
-        for slot in &mut self.slots {
-            let index = slot.index;
-            for worker in slot.workers_mut().filter(|worker| !worker.killed) {
-                if let Some(deadline) = worker.drain_deadline {
-                    if now >= deadline {
-                        tracing::warn!(
-                            "slot {index}: worker pid {} still draining at its deadline; killing it",
-                            worker.pid
-                        );
-                        worker.kill();
-                    }
-                } else if !worker.is_ready() {
-                    if worker.external && now.duration_since(worker.started) >= ready_after {
-                        // It has stayed up: as ready as a program without a
-                        // handshake can say.
-                        settled.push((index, worker.generation));
-                    } else if now.duration_since(worker.started) >= ready_timeout {
-                        tracing::error!(
-                            "slot {index}: worker pid {} did not become ready within {}; killing it",
-                            worker.pid,
-                            humantime::format_duration(ready_timeout)
-                        );
-                        worker.kill();
-                    }
-                } else if !stopping
-                    && !worker.external
-                    && now.duration_since(worker.last_heartbeat) >= heartbeat_timeout
-                {
-                    tracing::error!(
-                        "slot {index}: worker pid {} sent no heartbeat for {} (event loop blocked?); killing and replacing it",
-                        worker.pid,
-                        humantime::format_duration(heartbeat_timeout)
-                    );
-                    worker.kill();
-                    unresponsive.push((index, worker.generation));
-                }
-            }
-            if slot.restart_at.is_some_and(|at| now >= at) {
-                slot.restart_at = None;
-                due.push(index);
-            }
-        }
-        let closed = self
-            .with_balancer(|balancer| {
-                for (index, generation) in unresponsive {
-                    balancer.worker_gone(index, generation);
-                }
-                balancer.expire(now, ready_timeout)
-            })
-            .unwrap_or(0);
-        if closed > 0 {
-            tracing::warn!(
-                "closed {closed} connections that waited {} for a worker",
-                humantime::format_duration(ready_timeout)
-            );
-        }
-        for (index, generation) in settled {
-            if let Flow::Exit(result) = self.on_message(index, generation, ToPrimary::Ready) {
-                return Flow::Exit(result);
-            }
-        }
-        for index in due {
-            if let Flow::Exit(result) = self.fill_slot(index) {
-                return Flow::Exit(result);
-            }
-        }
-        Flow::Continue
-    }
-
-    /// Counts a failed start or crash of a slot's worker and restarts it after
-    /// the back-off, or gives up on a slot that keeps failing.
-    fn on_failure(&mut self, index: usize, what: String) -> Flow {
-        let limit = self.config.crash_loop_limit;
-        let slot = &mut self.slots[index];
-        slot.failures += 1;
-        if slot.failures >= limit {
-            slot.gave_up = true;
-            tracing::error!(
-                "slot {index}: {what}; {} failures in a row, not restarting this slot (crash loop). Fix the cause and send SIGHUP to try again",
-                slot.failures
-            );
-            self.fail_reload(index);
-            // Stop new connections from queueing for a slot nobody serves.
-            for address in &mut self.bound {
-                address.close_slot(index);
-            }
-            self.with_balancer(|b| b.slot_given_up(index));
-            if self.slots.iter().all(|slot| slot.gave_up) {
-                self.slots
-                    .iter_mut()
-                    .flat_map(Slot::workers_mut)
-                    .for_each(WorkerProcess::kill);
-                return Flow::Exit(Err(Error::CrashLoop { detail: what }));
-            }
-            // The remaining slots may be all that was awaited.
-            self.announce_when_serving();
-            return Flow::Continue;
-        }
-        let delay = self.config.restart_delay(slot.failures);
-        if delay.is_zero() {
-            tracing::warn!("slot {index}: {what}; restarting it");
-            self.fill_slot(index)
-        } else {
-            tracing::warn!(
-                "slot {index}: {what}; restarting it in {} (failure {} of {limit})",
-                humantime::format_duration(delay),
-                slot.failures
-            );
-            slot.restart_at = Some(Instant::now() + delay);
-            Flow::Continue
-        }
-    }
-
-    /// Starts a worker as the slot's current one.
-    fn fill_slot(&mut self, index: usize) -> Flow {
-        match self.spawn(index) {
-            Ok(worker) => {
-                self.slots[index].current = Some(worker);
-                Flow::Continue
-            }
-            Err(err) => self.on_failure(index, err.to_string()),
-        }
-    }
-
-    /// Starts a worker that takes over the slot once it is ready.
-    fn start_replacement(&mut self, index: usize) {
-        if self.slots[index].replacement.is_some() {
-            return;
-        }
-        match self.spawn(index) {
-            Ok(worker) => self.slots[index].replacement = Some(worker),
-            Err(err) => {
-                tracing::error!("slot {index}: {err}; the old worker keeps serving");
-                self.fail_reload(index);
-            }
-        }
-    }
-
-    /// The replacement is ready: it becomes current and its predecessor drains.
-    fn promote_replacement(&mut self, index: usize) {
-        let deadline = Instant::now() + self.config.shutdown_timeout;
-        let slot = &mut self.slots[index];
-        let Some(new) = slot.replacement.take() else {
-            return;
-        };
-        if let Some(mut old) = slot.current.replace(new) {
-            tracing::info!(
-                "slot {index}: worker pid {} takes over; draining pid {}",
-                slot.current.as_ref().map_or(0, |w| w.pid),
-                old.pid
-            );
-            old.drain(deadline);
-            slot.retiring.push(old);
-        }
-        if self.stopping {
-            if let Some(current) = slot.current.as_mut() {
-                current.drain(deadline);
-            }
-        } else if let Some(current) = &slot.current {
-            if let Some(connections) = current.connections.clone() {
-                let generation = current.generation;
-                self.with_balancer(|b| b.worker_ready(index, generation, connections));
-            }
-        }
-        if self
-            .reload
-            .as_ref()
-            .is_some_and(|reload| reload.waiting_on == Some(index))
-        {
-            let _ = self.advance_reload();
-        }
-    }
-
-    fn recycle(&mut self, index: usize, reason: &str) {
-        let slot = &self.slots[index];
-        if self.stopping || slot.replacement.is_some() {
-            return;
-        }
-        if let Some(current) = &slot.current {
-            tracing::info!(
-                "slot {index}: replacing worker pid {}: {reason}",
-                current.pid
-            );
-        }
-        self.start_replacement(index);
-    }
-
-    /// Moves a rolling reload on to its next slot.
-    fn advance_reload(&mut self) -> Flow {
-        loop {
-            let Some(reload) = self.reload.as_mut() else {
-                return Flow::Continue;
+    fn snapshot(&self, now: Instant) -> ClusterStatus {
+        let corral = !matches!(self.state.rules.kind, Kind::External { .. });
+        let mut workers = Vec::new();
+        let mut slots = Vec::new();
+        for slot in &self.state.slots {
+            let shown = slot.current.as_ref().or(slot.retiring.first());
+            let state_name = |phase: Phase| match phase {
+                Phase::Ready => "ready",
+                Phase::Draining { .. } | Phase::Killed => "draining",
+                Phase::Spawning | Phase::Starting => "starting",
             };
-            let Some(index) = reload.queue.pop_front() else {
-                tracing::info!("reload complete: every slot runs a new worker");
-                self.reload = None;
-                return Flow::Continue;
+            if let Some(worker) = shown.filter(|w| w.pid.is_some()) {
+                let vitals = self.handles.get(&worker.id).map(|h| &h.vitals);
+                let heard = corral && worker.is_ready() || worker.is_draining();
+                let stats = &worker.stats;
+                workers.push(WorkerSummary {
+                    slot: slot.index,
+                    pid: worker.pid.unwrap_or(0),
+                    generation: worker.build,
+                    state: state_name(worker.phase),
+                    uptime_s: round1(now.duration_since(worker.started).as_secs_f64()),
+                    restarts: slot.restarts,
+                    last_exit: slot.last_exit.clone(),
+                    cpu_percent: vitals.and_then(|v| v.cpu_percent),
+                    rss_bytes: if corral && stats.rss_bytes > 0 {
+                        Some(stats.rss_bytes)
+                    } else {
+                        vitals.and_then(|v| v.rss_bytes)
+                    },
+                    requests_per_s: vitals.and_then(|v| v.requests_per_s).filter(|_| corral),
+                    connections: heard.then_some(stats.connections_open).filter(|_| corral),
+                    loop_delay_p99_ms: heard
+                        .then_some(stats.event_loop_delay.p99_ms)
+                        .filter(|_| corral),
+                    pool_queued: heard.then_some(stats.pool.queued).filter(|_| corral),
+                });
+            }
+            let retry = match slot.plan {
+                Plan::BackOff { until } => Some(until),
+                Plan::GivenUp { retry_at } => Some(retry_at),
+                _ => None,
             };
-            reload.waiting_on = Some(index);
-            let slot = &mut self.slots[index];
-            if slot.gave_up || slot.current.is_none() {
-                // Nothing to hand over from: a reload is also the way to retry
-                // a slot that was given up on.
-                slot.gave_up = false;
-                slot.failures = 0;
-                slot.restart_at = None;
-                self.with_balancer(|b| b.slot_back(index));
-                let slot = &mut self.slots[index];
-                if slot.current.is_none() && slot.replacement.is_none() {
-                    if let Flow::Exit(result) = self.fill_slot(index) {
-                        return Flow::Exit(result);
-                    }
-                }
-                continue;
-            }
-            self.start_replacement(index);
-            return Flow::Continue;
-        }
-    }
-
-    fn fail_reload(&mut self, index: usize) {
-        if self
-            .reload
-            .as_ref()
-            .is_some_and(|reload| reload.waiting_on == Some(index))
-        {
-            tracing::error!(
-                "reload failed at slot {index}; slots not yet reloaded keep their old workers"
-            );
-            self.reload = None;
-        }
-    }
-
-    fn announce_when_serving(&mut self) {
-        if self.announced
-            || !self
-                .slots
-                .iter()
-                .all(|slot| slot.gave_up || slot.is_serving())
-            || !self.slots.iter().any(Slot::is_serving)
-        {
-            return;
-        }
-        self.announced = true;
-        let mut stdout = std::io::stdout().lock();
-        for address in &self.bound {
-            let _ = writeln!(
-                stdout,
-                "corral: listening on http://{} ({} workers, balance={})",
-                address.local,
-                self.slots.len(),
-                self.config.balance
-            );
-        }
-        let _ = stdout.flush();
-    }
-
-    fn spawn(&mut self, index: usize) -> Result<WorkerProcess> {
-        let slot = &mut self.slots[index];
-        let generation = slot.next_generation;
-        slot.next_generation += 1;
-        // In the accept-and-pass modes only the primary accepts.
-        let listeners: Vec<_> = if self.balancer.is_some() {
-            Vec::new()
-        } else {
-            for address in &mut self.bound {
-                address.reopen_slot(index)?;
-            }
-            self.bound
-                .iter()
-                .filter_map(|address| address.socket_for_slot(index))
-                .map(AsRawFd::as_raw_fd)
-                .collect()
-        };
-        let spawned = if self.config.external.is_some() {
-            spawn_program(&self.program, &self.args, index, &listeners)
-        } else {
-            spawn_worker(&self.program, &self.args, index, generation, &listeners)
-        }
-        .map_err(|source| Error::Spawn {
-            exe: self.program.display().to_string(),
-            source,
-        })?;
-        tracing::info!(
-            "slot {index}: started worker pid {} (generation {generation})",
-            spawned.pid
-        );
-        let (outbox_tx, outbox) = mpsc::unbounded_channel();
-        let events = self.events_tx.clone();
-        let mut child = spawned.child;
-        tokio::spawn(async move {
-            let status = child.wait().await;
-            let _ = events.send(Event::Exited {
-                slot: index,
-                generation,
-                status,
+            slots.push(SlotStatus {
+                slot: slot.index,
+                state: match slot.state() {
+                    SlotState::Empty => "empty",
+                    SlotState::Starting => "starting",
+                    SlotState::Serving => "serving",
+                    SlotState::Replacing => "replacing",
+                    SlotState::BackingOff { .. } => "backing_off",
+                    SlotState::GivenUp { .. } => "given_up",
+                    SlotState::Retiring => "retiring",
+                },
+                starts: slot.next_serial,
+                failures: slot.failures,
+                gave_up: matches!(slot.plan, Plan::GivenUp { .. }),
+                next_retry_s: retry
+                    .map(|at| round1(at.saturating_duration_since(now).as_secs_f64())),
+                worker: slot
+                    .current
+                    .as_ref()
+                    .filter(|w| w.pid.is_some())
+                    .map(|worker| WorkerStatus {
+                        pid: worker.pid.unwrap_or(0),
+                        generation: worker.build,
+                        state: state_name(worker.phase),
+                        uptime_seconds: now.duration_since(worker.started).as_secs_f64(),
+                        stats: worker.stats.clone(),
+                    }),
+                draining: slot.retiring.iter().filter_map(|w| w.pid).collect(),
             });
-        });
-        let external = spawned.ipc.is_none();
-        if let Some(ipc) = spawned.ipc {
-            tokio::spawn(relay(
-                index,
-                generation,
-                ipc,
-                outbox,
-                self.events_tx.clone(),
-            ));
         }
-        let connections = match (&self.balancer, spawned.connections) {
-            (Some(balancer), Some(connections)) => {
-                let sender = ConnectionSender::new(connections)?;
-                let (connections_tx, connections) = mpsc::unbounded_channel();
-                tokio::spawn(dispatch(
-                    index,
-                    generation,
-                    sender,
-                    connections,
-                    balancer.clone(),
-                ));
-                Some(connections_tx)
-            }
-            // The worker sees its end close and accepts from its own sockets.
-            _ => None,
-        };
-        let mut worker = WorkerProcess::new(generation, spawned.pid, outbox_tx, connections);
-        worker.external = external;
-        Ok(worker)
+        ClusterStatus {
+            name: self.name.clone(),
+            pid: std::process::id(),
+            balance: self.config.balance.to_string(),
+            listen: self.bound.iter().map(|a| a.local.to_string()).collect(),
+            uptime_s: round1(now.duration_since(self.started).as_secs_f64()),
+            workers,
+            last_reload: self.state.last_reload.as_ref().map(|last| ReloadStatus {
+                outcome: last.outcome.as_str(),
+                generation: last.generation,
+                reason: last.reason.clone(),
+            }),
+            generation: self.state.good,
+            reloading: self.state.reload.is_some() || self.state.pinning.is_some(),
+            stopping: self.state.stopping,
+            slots,
+        }
+    }
+
+    /// Every signal becomes an event; the ones corral gives no meaning are
+    /// logged and ignored, never fatal (the default action of most is to end
+    /// the process, which would orphan the workers).
+    fn listen_to_signals(&self) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let meanings: Vec<(i32, &'static str)> = vec![
+            (libc::SIGTERM, "SIGTERM"),
+            (libc::SIGINT, "SIGINT"),
+            (libc::SIGHUP, "SIGHUP"),
+            (libc::SIGTTIN, "SIGTTIN"),
+            (libc::SIGTTOU, "SIGTTOU"),
+            (libc::SIGUSR1, "SIGUSR1"),
+            (libc::SIGUSR2, "SIGUSR2"),
+            (libc::SIGPIPE, "SIGPIPE"),
+            (libc::SIGWINCH, "SIGWINCH"),
+            (libc::SIGQUIT, "SIGQUIT"),
+            (libc::SIGALRM, "SIGALRM"),
+            (libc::SIGVTALRM, "SIGVTALRM"),
+            (libc::SIGPROF, "SIGPROF"),
+            (libc::SIGXCPU, "SIGXCPU"),
+            (libc::SIGXFSZ, "SIGXFSZ"),
+            (libc::SIGIO, "SIGIO"),
+            #[cfg(target_os = "linux")]
+            (libc::SIGPWR, "SIGPWR"),
+            #[cfg(target_os = "linux")]
+            (libc::SIGSTKFLT, "SIGSTKFLT"),
+        ];
+        for (number, name) in meanings {
+            let mut stream = signal(SignalKind::from_raw(number))?;
+            let inputs = self.inputs_tx.clone();
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    let event = match number {
+                        libc::SIGTERM | libc::SIGINT => Event::Stop {
+                            why: name.to_owned(),
+                            reply: None,
+                        },
+                        libc::SIGHUP => Event::Reload { reply: None },
+                        libc::SIGTTIN => Event::Scale {
+                            target: ScaleTarget::By(1),
+                            reply: None,
+                        },
+                        libc::SIGTTOU => Event::Scale {
+                            target: ScaleTarget::By(-1),
+                            reply: None,
+                        },
+                        _ => {
+                            tracing::warn!("{name} received: corral gives it no meaning; ignored");
+                            continue;
+                        }
+                    };
+                    if inputs.send(Input::Event(Box::new(event))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        #[cfg(target_os = "linux")]
+        for number in libc::SIGRTMIN()..=libc::SIGRTMAX() {
+            let Ok(mut stream) = signal(SignalKind::from_raw(number)) else {
+                continue;
+            };
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    tracing::warn!(
+                        "real-time signal {number} received: corral gives it no meaning; ignored"
+                    );
+                }
+            });
+        }
+        Ok(())
     }
 }
 
 /// Carries one worker's messages in both directions until its channel ends.
 async fn relay(
-    slot: usize,
-    generation: u64,
+    id: WorkerId,
     stream: tokio::net::UnixStream,
-    mut outbox: mpsc::UnboundedReceiver<ToWorker>,
-    events: mpsc::UnboundedSender<Event>,
+    mut outbox: mpsc::Receiver<ToWorker>,
+    outbox_bytes: Arc<AtomicUsize>,
+    inputs: mpsc::Sender<Input>,
 ) {
     let (mut sender, mut receiver) = ipc::channel(stream);
     loop {
         tokio::select! {
-            received = receiver.recv::<ToPrimary>() => match received {
-                Ok(message) => {
-                    let _ = events.send(Event::Message { slot, generation, message });
-                }
-                Err(error) => {
-                    let _ = events.send(Event::ChannelClosed { slot, generation, error });
+            received = receiver.recv::<ToPrimary>() => {
+                let input = match received {
+                    Ok(ToPrimary::Ready) => Input::Event(Box::new(Event::Ready { id })),
+                    Ok(ToPrimary::Heartbeat(stats)) => Input::Event(Box::new(Event::Heartbeat { id, stats })),
+                    Ok(ToPrimary::Recycle { reason }) => Input::Event(Box::new(Event::RecycleRequested { id, reason })),
+                    Ok(ToPrimary::User(payload)) => Input::User { slot: id.slot, payload },
+                    Ok(ToPrimary::Broadcast(payload)) => Input::Broadcast { slot: id.slot, payload },
+                    // The usual end of a worker: its exit follows as its own event.
+                    Err(ChannelError::Closed) => return,
+                    Err(error) => {
+                        let reason = error.to_string();
+                        let _ = inputs.send(Input::Event(Box::new(Event::ChannelBroken { id, reason }))).await;
+                        return;
+                    }
+                };
+                if inputs.send(input).await.is_err() {
                     return;
                 }
             },
             outgoing = outbox.recv() => match outgoing {
                 Some(message) => {
-                    if sender.send(&message).await.is_err() {
+                    let size = message_size(&message);
+                    let sent = sender.send(&message).await;
+                    outbox_bytes.fetch_sub(size, Ordering::Relaxed);
+                    if sent.is_err() {
                         // The worker is gone; its exit is reported separately.
                         return;
                     }
@@ -908,4 +940,35 @@ fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
         },
         Err(err) => format!("could not be waited for ({err})"),
     }
+}
+
+fn round1(value: f64) -> f64 {
+    (value * 10.0).round() / 10.0
+}
+
+/// CPU time (clock ticks, user + system) and resident bytes of a process.
+#[cfg(target_os = "linux")]
+fn read_proc_figures(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()? as u64;
+    Some((utime + stime, rss_pages * page))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_proc_figures(_pid: u32) -> Option<(u64, u64)> {
+    None
+}
+
+fn clock_ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |ticks| ticks as f64)
 }

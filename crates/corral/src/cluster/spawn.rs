@@ -8,8 +8,8 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::net::UnixStream;
@@ -19,6 +19,82 @@ use super::worker::{
     CONNECTIONS_FD, ENV_GENERATION, ENV_LISTENERS, ENV_SLOT, FIRST_LISTENER_FD, IPC_FD,
 };
 use crate::net::fd_passing;
+
+/// The program a generation's workers run.
+///
+/// A corral worker's program is pinned: the primary opens the file when the
+/// generation is made (start-up, reload) and executes every worker of that
+/// generation from the descriptor, so a restart runs exactly the build that
+/// passed the reload gate, whatever was copied onto the path since, and a
+/// rollback needs no file on disk.
+#[derive(Debug)]
+pub(crate) enum Program {
+    Pinned {
+        file: std::fs::File,
+        path: PathBuf,
+    },
+    /// Looked up again at every start (`corral run` programs and scripts,
+    /// whose interpreter reopens them by name).
+    Path(PathBuf),
+}
+
+impl Program {
+    /// Opens `path` for execution through the descriptor.
+    pub fn pin(path: &Path) -> io::Result<Program> {
+        let opened = std::fs::File::open(path)?;
+        // Kept above the descriptors a worker inherits (3, 4, 5...), which
+        // the child moves into place before exec and would overwrite it.
+        let high = nix::fcntl::fcntl(
+            &opened,
+            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(PINNED_FD_FLOOR),
+        )?;
+        // SAFETY: fcntl just created this descriptor and nothing else owns it.
+        let file = unsafe { std::fs::File::from_raw_fd(high) };
+        drop(opened);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a file",
+                path.display()
+            )));
+        }
+        Ok(Program::Pinned {
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The path `exec` is given. Executing `/proc/self/fd/N` is what
+    /// `fexecve` does; the child inherits the descriptor across the fork, and
+    /// close-on-exec only closes it once the new image is loaded.
+    fn exec_path(&self) -> PathBuf {
+        match self {
+            #[cfg(target_os = "linux")]
+            Program::Pinned { file, .. } => {
+                PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            }
+            #[cfg(not(target_os = "linux"))]
+            Program::Pinned { path, .. } => path.clone(),
+            Program::Path(path) => path.clone(),
+        }
+    }
+
+    /// The program's name on disk, for logs and `argv[0]`.
+    pub fn path(&self) -> &Path {
+        match self {
+            Program::Pinned { path, .. } | Program::Path(path) => path,
+        }
+    }
+}
+
+/// True for the errors that say the system is short of something (descriptors,
+/// memory, processes) rather than that the program is broken: retried with
+/// back-off, never counted as a crash.
+pub(crate) fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::ENOBUFS)
+    )
+}
 
 /// A started worker process and the primary's end of its IPC socket.
 pub(crate) struct Spawned {
@@ -30,13 +106,15 @@ pub(crate) struct Spawned {
     pub connections: Option<std::os::fd::OwnedFd>,
 }
 
+/// Pinned programs live at or above this descriptor, clear of the inherited ones.
+const PINNED_FD_FLOOR: RawFd = 100;
 /// Descriptors at or above this are free for temporary copies in the child.
 const SCRATCH_FD_FLOOR: RawFd = 1000;
 /// Where the inherited descriptors start (after stdin, stdout, stderr).
 const FIRST_INHERITED_FD: RawFd = 3;
 
 pub(crate) fn spawn_worker(
-    program: &Path,
+    program: &Program,
     args: &[OsString],
     slot: usize,
     generation: u64,
@@ -53,8 +131,9 @@ pub(crate) fn spawn_worker(
     sources.extend_from_slice(listeners);
     debug_assert_eq!((IPC_FD, CONNECTIONS_FD, FIRST_LISTENER_FD), (3, 4, 5));
 
-    let mut command = Command::new(program);
+    let mut command = Command::new(program.exec_path());
     command
+        .arg0(program.path())
         .args(args)
         .env(ENV_SLOT, slot.to_string())
         .env(ENV_GENERATION, generation.to_string())

@@ -3,9 +3,9 @@
 
 use std::future::Future;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::Config;
 use super::messages::{self, RawPublished, Subscription};
+use super::outbox::{payload_size, Outbox, OutboxQueues};
 use super::request_tracking::TrackRequestsLayer;
 use crate::error::{BoxError, Error, Result};
 use crate::ipc::{self, ToPrimary, ToWorker};
@@ -111,8 +112,15 @@ struct Shared {
     passed_done: AtomicBool,
     broadcasts: broadcast::Sender<Arc<RawPublished>>,
     counters: Arc<WorkerCounters>,
-    to_primary: mpsc::UnboundedSender<ToPrimary>,
+    to_primary: Outbox,
     ready_sent: AtomicBool,
+    /// Set when the primary's channel reached end-of-file (for the watchdog).
+    primary_lost: Arc<AtomicBool>,
+    /// Since when (ms after `born`) connections could not be taken; 0: they can.
+    intake_blocked_at_ms: AtomicU64,
+    born: Instant,
+    /// Set by `Retire`: accept what is queued before stopping.
+    take_backlog: Arc<AtomicBool>,
     /// Cancelled when draining starts: stop accepting, close keep-alives.
     draining: CancellationToken,
     /// Cancelled when the serve future should wind up.
@@ -122,15 +130,34 @@ struct Shared {
 impl Shared {
     /// Queues a user message for the primary.
     fn send_user(&self, message: ToPrimary) -> Result<()> {
-        self.to_primary
-            .send(message)
-            .map_err(|_| Error::Message("the channel to the primary is closed".to_owned()))
+        self.to_primary.user(message)
     }
+
     fn stats(&self) -> WorkerStats {
         let mut stats = self.counters.snapshot();
         stats.event_loop_delay = self.loop_delay.snapshot();
         stats.pool = self.pool.stats();
+        let blocked_at = self.intake_blocked_at_ms.load(Ordering::Relaxed);
+        if blocked_at > 0 {
+            stats.intake_blocked_ms =
+                (self.born.elapsed().as_millis() as u64).saturating_sub(blocked_at);
+        }
         stats
+    }
+
+    /// Records whether connections can be taken right now.
+    fn intake_blocked(&self, blocked: bool) {
+        let now = (self.born.elapsed().as_millis() as u64).max(1);
+        if blocked {
+            let _ = self.intake_blocked_at_ms.compare_exchange(
+                0,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        } else {
+            self.intake_blocked_at_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     fn begin_drain(&self, why: &str) {
@@ -203,13 +230,14 @@ impl Worker {
             })
             .collect();
         if !self.shared.ready_sent.swap(true, Ordering::SeqCst) {
-            let _ = self.shared.to_primary.send(ToPrimary::Ready);
+            let _ = self.shared.to_primary.control(ToPrimary::Ready);
         }
         Listener::new(
             sockets,
             self.shared.passed.clone(),
             self.shared.passed_pending.clone(),
             self.shared.draining.clone(),
+            self.shared.take_backlog.clone(),
             self.shared.counters.clone(),
         )
     }
@@ -313,7 +341,7 @@ where
         let ipc = std::os::unix::net::UnixStream::from(env.ipc);
         ipc.set_nonblocking(true)?;
         let (sender, receiver) = ipc::channel(tokio::net::UnixStream::from_std(ipc)?);
-        let (to_primary, outbox) = mpsc::unbounded_channel();
+        let (to_primary, outbox) = Outbox::new();
         let (passed_tx, passed_rx) = mpsc::unbounded_channel();
         let connections = ConnectionReceiver::new(env.connections)?;
         let mut pool = Pool::builder().threads(
@@ -342,9 +370,18 @@ where
             counters: Arc::default(),
             to_primary,
             ready_sent: AtomicBool::new(false),
+            primary_lost: Arc::default(),
+            intake_blocked_at_ms: AtomicU64::new(0),
+            born: Instant::now(),
+            take_backlog: Arc::default(),
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
         });
+        super::watchdog::start(
+            shared.draining.clone(),
+            shared.primary_lost.clone(),
+            config.shutdown_timeout,
+        )?;
         tokio::spawn(send_to_primary(sender, outbox));
         tokio::spawn(receive_connections(connections, passed_tx, shared.clone()));
         tokio::spawn(listen_to_primary(receiver, shared.clone()));
@@ -360,8 +397,18 @@ where
     })
 }
 
-async fn send_to_primary(mut sender: ipc::Sender, mut outbox: mpsc::UnboundedReceiver<ToPrimary>) {
-    while let Some(message) = outbox.recv().await {
+async fn send_to_primary(mut sender: ipc::Sender, mut outbox: OutboxQueues) {
+    loop {
+        // The supervisor's lane first: a heartbeat never waits behind user messages.
+        let message = tokio::select! {
+            biased;
+            Some(message) = outbox.control.recv() => message,
+            Some(message) = outbox.user.recv() => {
+                outbox.user_bytes.fetch_sub(payload_size(&message), Ordering::Relaxed);
+                message
+            }
+            else => return,
+        };
         if let Err(err) = sender.send(&message).await {
             tracing::warn!("cannot reach the primary: {err}");
             return;
@@ -373,6 +420,10 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
     loop {
         match receiver.recv::<ToWorker>().await {
             Ok(ToWorker::Drain) => shared.begin_drain("asked by the primary"),
+            Ok(ToWorker::Retire) => {
+                shared.take_backlog.store(true, Ordering::SeqCst);
+                shared.begin_drain("its slot is retired (scaled down)");
+            }
             Ok(ToWorker::Broadcast { from_slot, payload }) => {
                 // No subscriber yet is fine: nobody was listening.
                 let _ = shared.broadcasts.send(Arc::new(RawPublished {
@@ -382,7 +433,8 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
             }
             Err(err) => {
                 // Without its primary nobody supervises this worker: finish
-                // what is in flight and leave.
+                // what is in flight and leave (the watchdog makes sure of it).
+                shared.primary_lost.store(true, Ordering::SeqCst);
                 shared.begin_drain(&format!("lost the primary ({err})"));
                 return;
             }
@@ -396,9 +448,12 @@ async fn receive_connections(
     queue: mpsc::UnboundedSender<PassedConnection>,
     shared: Arc<Shared>,
 ) {
+    let mut backoff = INTAKE_BACKOFF_FIRST;
     loop {
         match receiver.recv().await {
             Ok(Some(connection)) => {
+                shared.intake_blocked(false);
+                backoff = INTAKE_BACKOFF_FIRST;
                 shared.passed_pending.fetch_add(1, Ordering::SeqCst);
                 if queue.send(connection).is_err() {
                     break;
@@ -406,13 +461,23 @@ async fn receive_connections(
             }
             Ok(None) => break,
             Err(err) => {
-                tracing::warn!("cannot receive connections from the primary: {err}");
-                break;
+                // Out of descriptors or buffers (a spike of connections):
+                // the message stays queued in the kernel; try again shortly,
+                // and say so in the heartbeat so the primary can tell.
+                if backoff == INTAKE_BACKOFF_FIRST {
+                    tracing::warn!("cannot receive connections from the primary: {err}; retrying");
+                }
+                shared.intake_blocked(true);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(INTAKE_BACKOFF_MAX);
             }
         }
     }
     shared.passed_done.store(true, Ordering::SeqCst);
 }
+
+const INTAKE_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const INTAKE_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// `SIGTERM` (also sent when the primary dies) and `SIGINT` (Ctrl-C reaches the
 /// whole process group) mean "drain": the primary coordinates the stop.
@@ -458,10 +523,12 @@ async fn heartbeat(shared: Arc<Shared>, config: Config) {
             if !asked_to_recycle && stats.requests_total >= limit {
                 asked_to_recycle = true;
                 let reason = format!("served {} requests (limit {limit})", stats.requests_total);
-                let _ = shared.to_primary.send(ToPrimary::Recycle { reason });
+                let _ = shared.to_primary.control(ToPrimary::Recycle { reason });
             }
         }
-        if shared.to_primary.send(ToPrimary::Heartbeat(stats)).is_err() {
+        // A full lane just skips a beat; the next carries fresher figures.
+        let _ = shared.to_primary.control(ToPrimary::Heartbeat(stats));
+        if shared.primary_lost.load(Ordering::SeqCst) {
             return;
         }
     }

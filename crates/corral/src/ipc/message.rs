@@ -26,4 +26,7 @@ pub(crate) enum ToWorker {
     Drain,
     /// A message some worker broadcast.
     Broadcast { from_slot: u32, payload: Vec<u8> },
+    /// Like `Drain`, but the slot is going away (scaled down): accept what is
+    /// already queued on its socket first, since no replacement will.
+    Retire,
 }

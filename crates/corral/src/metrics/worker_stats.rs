@@ -27,6 +27,9 @@ pub struct WorkerStats {
     pub event_loop_delay: crate::metrics::LoopDelayStats,
     /// The worker's CPU pool.
     pub pool: crate::pool::PoolStats,
+    /// How long the worker has been unable to take connections from the
+    /// primary or its sockets (out of descriptors, say); 0 when it can.
+    pub intake_blocked_ms: u64,
 }
 
 /// The live counters behind [`WorkerStats`], shared by the listener, the

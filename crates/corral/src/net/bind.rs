@@ -19,6 +19,8 @@ pub(crate) struct BoundAddress {
     /// One socket per slot in `ReusePort` mode, a single shared one otherwise;
     /// `None` for a slot given up on.
     sockets: Vec<Option<Socket>>,
+    /// One socket per slot (`SO_REUSEPORT` group) rather than one shared.
+    per_slot: bool,
 }
 
 impl BoundAddress {
@@ -27,18 +29,29 @@ impl BoundAddress {
         self.sockets[slot % self.sockets.len()].as_ref()
     }
 
+    /// Makes sure a slot added at run time has its socket: in a
+    /// `SO_REUSEPORT` group, a new member joins at the next index.
+    pub fn ensure_slot(&mut self, slot: usize) -> Result<()> {
+        while self.per_slot && self.sockets.len() <= slot {
+            let socket =
+                listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
+            self.sockets.push(Some(socket));
+        }
+        Ok(())
+    }
+
     /// Closes a slot's own socket (`ReusePort` mode) so the kernel stops
     /// queueing that slot's share of new connections where no worker will
     /// ever accept them; the other slots' sockets take it over.
     pub fn close_slot(&mut self, slot: usize) {
-        if self.sockets.len() > 1 {
+        if self.per_slot && slot < self.sockets.len() {
             self.sockets[slot] = None;
         }
     }
 
     /// Binds a closed slot's socket again, joining the `SO_REUSEPORT` group.
     pub fn reopen_slot(&mut self, slot: usize) -> Result<()> {
-        if self.sockets.len() > 1 && self.sockets[slot].is_none() {
+        if self.per_slot && self.sockets[slot].is_none() {
             let socket =
                 listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
             self.sockets[slot] = Some(socket);
@@ -95,11 +108,9 @@ fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<Boun
     let actual = local_addr(&probe).map_err(|err| bind_error(addr, err))?;
     drop(probe);
 
-    let count = match balance {
-        Balance::ReusePort => slots,
-        _ => 1,
-    };
-    let reuse_port = count > 1;
+    let per_slot = balance == Balance::ReusePort;
+    let count = if per_slot { slots } else { 1 };
+    let reuse_port = per_slot;
     let sockets = (0..count)
         .map(|_| listening_socket(actual, reuse_port).map(Some))
         .collect::<io::Result<Vec<_>>>()
@@ -107,6 +118,7 @@ fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<Boun
     Ok(BoundAddress {
         local: actual,
         sockets,
+        per_slot,
     })
 }
 
@@ -175,6 +187,17 @@ mod tests {
         address.reopen_slot(1).unwrap();
         let reopened = local_addr(address.socket_for_slot(1).unwrap()).unwrap();
         assert_eq!(reopened, address.local);
+    }
+
+    #[test]
+    fn a_slot_added_at_run_time_joins_the_group() {
+        let mut bound = bind_all(&["127.0.0.1:0".to_owned()], 1, Balance::ReusePort).unwrap();
+        let address = &mut bound[0];
+        address.ensure_slot(2).unwrap();
+        for slot in 0..3 {
+            let socket = address.socket_for_slot(slot).unwrap();
+            assert_eq!(local_addr(socket).unwrap(), address.local);
+        }
     }
 
     #[test]

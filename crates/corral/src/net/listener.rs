@@ -5,7 +5,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -47,6 +47,9 @@ pub struct Listener {
     passed_pending: Arc<AtomicUsize>,
     next: usize,
     draining: CancellationToken,
+    /// Set when the slot is retired: while draining, still accept what is
+    /// already queued on the socket, since no replacement will.
+    take_backlog: Arc<AtomicBool>,
     counters: Arc<WorkerCounters>,
 }
 
@@ -67,6 +70,7 @@ impl Listener {
         passed: PassedQueue,
         passed_pending: Arc<AtomicUsize>,
         draining: CancellationToken,
+        take_backlog: Arc<AtomicBool>,
         counters: Arc<WorkerCounters>,
     ) -> Self {
         Listener {
@@ -75,6 +79,7 @@ impl Listener {
             passed_pending,
             next: 0,
             draining,
+            take_backlog,
             counters,
         }
     }
@@ -99,6 +104,7 @@ impl Listener {
     async fn accept_connection(&mut self) -> (Connection, SocketAddr) {
         loop {
             let draining = self.draining.clone();
+            let take_backlog = self.take_backlog.clone();
             let passed = self.passed.clone();
             // Passed connections are taken even while draining: the primary
             // stopped sending before the drain, so these few were already on
@@ -109,10 +115,27 @@ impl Listener {
                     into_tokio(connection)
                 }
                 result = async {
-                    tokio::select! {
+                    let accepted = tokio::select! {
                         biased;
-                        _ = draining.cancelled() => std::future::pending().await,
-                        result = poll_fn(|cx| self.poll_accept_any(cx)) => result,
+                        _ = draining.cancelled() => None,
+                        result = poll_fn(|cx| self.poll_accept_any(cx)) => Some(result),
+                    };
+                    match accepted {
+                        Some(result) => result,
+                        None if take_backlog.load(Ordering::SeqCst) => {
+                            let queued = poll_fn(|cx| {
+                                Poll::Ready(match self.poll_accept_any(cx) {
+                                    Poll::Ready(result) => Some(result),
+                                    Poll::Pending => None,
+                                })
+                            })
+                            .await;
+                            match queued {
+                                Some(result) => result,
+                                None => std::future::pending().await,
+                            }
+                        }
+                        None => std::future::pending().await,
                     }
                 } => result,
             };
