@@ -60,6 +60,14 @@ fn main() -> corral::Result<()> {
     cli.cluster
         .builder()
         .on_message(|slot, message| match message.decode::<String>() {
+            // Long texts are cut so a flood of big messages stays readable.
+            Ok(text) if text.len() > 80 => {
+                let cut: String = text.chars().take(60).collect();
+                println!(
+                    "hello: worker {slot} says {cut:?}... ({} bytes)",
+                    text.len()
+                )
+            }
             Ok(text) => println!("hello: worker {slot} says {text:?}"),
             Err(err) => eprintln!("hello: unreadable message from worker {slot}: {err}"),
         })
@@ -88,6 +96,15 @@ fn main() -> corral::Result<()> {
                 .route("/notify", get(notify).with_state(worker.clone()))
                 .layer(worker.track_requests());
             let listener = worker.listener();
+            if let Some(ms) = baked_fault() {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    eprintln!(
+                        "hello: this build dies {ms} ms after becoming ready (baked-in fault)"
+                    );
+                    std::process::exit(1);
+                });
+            }
             if matches!(fault, Some(Fault::IpcGarbage))
                 && worker.slot() == 0
                 && worker.generation() == 0
@@ -98,6 +115,23 @@ fn main() -> corral::Result<()> {
                 .with_graceful_shutdown(worker.shutdown())
                 .await
         })
+}
+
+/// Marks a "bad build": a copy of this binary with this line appended
+/// (`CORRAL-FAULT die-after-ready-ms=1500`) dies that long after becoming
+/// ready. Tests deploy it the way an operator deploys a build, by putting a
+/// file at the program's path, then watch the reload gate and rollback.
+const BAKED_FAULT: &str = "CORRAL-FAULT die-after-ready-ms=";
+
+fn baked_fault() -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open("/proc/self/exe").ok()?;
+    file.seek(SeekFrom::End(-64)).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let tail = String::from_utf8_lossy(&tail);
+    let at = tail.rfind(BAKED_FAULT)? + BAKED_FAULT.len();
+    tail[at..].trim().parse().ok()
 }
 
 /// Burns about `us` microseconds of CPU on the event loop.

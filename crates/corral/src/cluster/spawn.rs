@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -41,16 +41,7 @@ pub(crate) enum Program {
 impl Program {
     /// Opens `path` for execution through the descriptor.
     pub fn pin(path: &Path) -> io::Result<Program> {
-        let opened = std::fs::File::open(path)?;
-        // Kept above the descriptors a worker inherits (3, 4, 5...), which
-        // the child moves into place before exec and would overwrite it.
-        let high = nix::fcntl::fcntl(
-            &opened,
-            nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(PINNED_FD_FLOOR),
-        )?;
-        // SAFETY: fcntl just created this descriptor and nothing else owns it.
-        let file = unsafe { std::fs::File::from_raw_fd(high) };
-        drop(opened);
+        let file = std::fs::File::open(path)?;
         if !file.metadata()?.is_file() {
             return Err(io::Error::other(format!(
                 "{} is not a file",
@@ -63,18 +54,19 @@ impl Program {
         })
     }
 
-    /// The path `exec` is given. Executing `/proc/self/fd/N` is what
-    /// `fexecve` does; the child inherits the descriptor across the fork, and
-    /// close-on-exec only closes it once the new image is loaded.
-    fn exec_path(&self) -> PathBuf {
+    /// What `exec` is given when the child has placed the pinned program at
+    /// descriptor `at`: executing `/proc/self/fd/N` is what `fexecve` does,
+    /// and close-on-exec only closes it once the new image is loaded.
+    fn exec_path(&self, at: RawFd) -> (PathBuf, Option<RawFd>) {
         match self {
             #[cfg(target_os = "linux")]
-            Program::Pinned { file, .. } => {
-                PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            }
+            Program::Pinned { file, .. } => (
+                PathBuf::from(format!("/proc/self/fd/{at}")),
+                Some(file.as_raw_fd()),
+            ),
             #[cfg(not(target_os = "linux"))]
-            Program::Pinned { path, .. } => path.clone(),
-            Program::Path(path) => path.clone(),
+            Program::Pinned { path, .. } => (path.clone(), None),
+            Program::Path(path) => (path.clone(), None),
         }
     }
 
@@ -106,10 +98,6 @@ pub(crate) struct Spawned {
     pub connections: Option<std::os::fd::OwnedFd>,
 }
 
-/// Pinned programs live at or above this descriptor, clear of the inherited ones.
-const PINNED_FD_FLOOR: RawFd = 100;
-/// Descriptors at or above this are free for temporary copies in the child.
-const SCRATCH_FD_FLOOR: RawFd = 1000;
 /// Where the inherited descriptors start (after stdin, stdout, stderr).
 const FIRST_INHERITED_FD: RawFd = 3;
 
@@ -131,14 +119,16 @@ pub(crate) fn spawn_worker(
     sources.extend_from_slice(listeners);
     debug_assert_eq!((IPC_FD, CONNECTIONS_FD, FIRST_LISTENER_FD), (3, 4, 5));
 
-    let mut command = Command::new(program.exec_path());
+    // The pinned program goes right after the inherited descriptors.
+    let (exec_path, pinned) = program.exec_path(FIRST_INHERITED_FD + sources.len() as RawFd);
+    let mut command = Command::new(exec_path);
     command
         .arg0(program.path())
         .args(args)
         .env(ENV_SLOT, slot.to_string())
         .env(ENV_GENERATION, generation.to_string())
         .env(ENV_LISTENERS, listeners.len().to_string());
-    let child = start(command, sources)?;
+    let child = start(command, sources, pinned)?;
     drop(worker_end);
     drop(connections_worker_end);
     let pid = child_pid(&child)?;
@@ -171,7 +161,7 @@ pub(crate) fn spawn_program(
         .env("LISTEN_FDS", listeners.len().to_string())
         .env("CORRAL_INSTANCE", slot.to_string())
         .env_remove("LISTEN_FDNAMES");
-    let child = start(command, listeners.to_vec())?;
+    let child = start(command, listeners.to_vec(), None)?;
     let pid = child_pid(&child)?;
     Ok(Spawned {
         child,
@@ -187,10 +177,15 @@ fn child_pid(child: &Child) -> io::Result<u32> {
         .ok_or_else(|| io::Error::other("the worker exited before it could be tracked"))
 }
 
-/// Spawns `command` with `sources` moved to descriptors 3, 4, ... in the child.
-fn start(mut command: Command, sources: Vec<RawFd>) -> io::Result<Child> {
+/// Spawns `command` with `sources` moved to descriptors 3, 4, ... in the
+/// child, and `pinned` (the program to execute) right after them, close-on-exec.
+fn start(mut command: Command, sources: Vec<RawFd>, pinned: Option<RawFd>) -> io::Result<Child> {
     // Allocated here because the child may not allocate between fork and exec.
     let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
+    let program_at = FIRST_INHERITED_FD + sources.len() as RawFd;
+    // Temporary copies go above every target, so moving one into place can
+    // never overwrite another still to be moved (and they fit any fd limit).
+    let scratch_floor = program_at + 1;
     let primary_pid = nix::unistd::getpid().as_raw();
     command.stdin(Stdio::null()).kill_on_drop(false);
     // SAFETY: the closure runs in the child between fork and exec and calls
@@ -215,18 +210,36 @@ fn start(mut command: Command, sources: Vec<RawFd>) -> io::Result<Child> {
             // Two passes, so that moving one descriptor into place can never
             // overwrite another that is still to be moved.
             for (index, &source) in sources.iter().enumerate() {
-                let copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, SCRATCH_FD_FLOOR);
+                let copy = libc::fcntl(source, libc::F_DUPFD_CLOEXEC, scratch_floor);
                 if copy == -1 {
                     return Err(io::Error::last_os_error());
                 }
                 scratch[index] = copy;
             }
+            let program_copy = match pinned {
+                Some(fd) => {
+                    let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, scratch_floor);
+                    if copy == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Some(copy)
+                }
+                None => None,
+            };
             for (index, &copy) in scratch.iter().enumerate() {
                 // dup2 clears close-on-exec on the target: exactly these survive exec.
                 if libc::dup2(copy, FIRST_INHERITED_FD + index as RawFd) == -1 {
                     return Err(io::Error::last_os_error());
                 }
             }
+            #[cfg(target_os = "linux")]
+            if let Some(copy) = program_copy {
+                if libc::dup3(copy, program_at, libc::O_CLOEXEC) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = (program_copy, program_at);
             Ok(())
         });
     }

@@ -69,6 +69,15 @@ impl Cluster {
         Self::start_program(&example_binary(name), args)
     }
 
+    /// Starts a prepared command (e.g. with a resource limit) and waits for
+    /// its listening line.
+    pub fn start_command(command: Command) -> Cluster {
+        Cluster(corral_testkit::Cluster::start(
+            command,
+            Duration::from_secs(30),
+        ))
+    }
+
     /// Starts a program and waits for its listening line.
     pub fn start_program(program: &Path, args: &[&str]) -> Cluster {
         Cluster(corral_testkit::Cluster::start(
@@ -89,7 +98,7 @@ impl Cluster {
     }
 }
 
-fn command(program: &Path, args: &[&str]) -> Command {
+pub fn command(program: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(program);
     command.args(args).env("RUST_LOG", "info");
     command
