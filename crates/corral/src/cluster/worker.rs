@@ -331,6 +331,12 @@ impl Worker {
     {
         let app = tower::Layer::layer(&self.track_requests(), app);
         let options = self.shared.serve_options;
+        tracing::info!(
+            "serving with --header-timeout {:?}, --idle-timeout {:?}, --max-connections {}",
+            options.header_timeout_value(),
+            options.idle_timeout_value(),
+            options.max_connections_value()
+        );
         crate::net::serve(self.listener(), app, options, self.shutdown()).await
     }
 }
