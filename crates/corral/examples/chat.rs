@@ -76,11 +76,8 @@ fn main() -> corral::Result<()> {
             .with_state(Chat {
                 worker: worker.clone(),
                 local,
-            })
-            .layer(worker.track_requests());
-        axum::serve(worker.listener(), app)
-            .with_graceful_shutdown(worker.shutdown())
-            .await
+            });
+        worker.serve(app).await
     })
 }
 

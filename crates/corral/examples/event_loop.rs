@@ -178,7 +178,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 records: args.records,
             });
         let delay = EventLoopDelay::start();
-        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let options = corral::net::ServeOptions::default();
+        let server = tokio::spawn(corral::net::serve(
+            listener,
+            app,
+            options,
+            std::future::pending(),
+        ));
         // Twice as many heavy requests as cores keeps every core busy.
         let in_flight = 2 * threads.max(2);
         let seconds = args.seconds;

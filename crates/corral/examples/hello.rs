@@ -8,13 +8,14 @@
 //! curl 'http://127.0.0.1:8080/work?us=200'
 //! curl 'http://127.0.0.1:8080/block?ms=8000'   # the primary replaces the hung worker
 //! curl 'http://127.0.0.1:8080/notify?text=hi'  # the primary prints: worker 0 says "hi"
+//! curl --data-binary @file http://127.0.0.1:8080/echo   # received N bytes
 //! kill -HUP <primary pid>              # rolling reload, no failed request
 //! ```
 
 use std::time::{Duration, Instant};
 
 use axum::extract::Query;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
 use serde::Deserialize;
@@ -94,9 +95,9 @@ fn main() -> corral::Result<()> {
                 .route("/work", get(work))
                 .route("/block", get(block))
                 .route("/notify", get(notify).with_state(worker.clone()))
-                .layer(worker.track_requests());
-            let listener = worker.listener();
+                .route("/echo", post(echo));
             if let Some(ms) = baked_fault() {
+                // Counted from about when it becomes ready (serve starts at once).
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     eprintln!(
@@ -109,11 +110,11 @@ fn main() -> corral::Result<()> {
                 && worker.slot() == 0
                 && worker.generation() == 0
             {
+                // Ready first (the listener's first call tells the primary), then garbage.
+                drop(worker.listener());
                 write_ipc_garbage();
             }
-            axum::serve(listener, app)
-                .with_graceful_shutdown(worker.shutdown())
-                .await
+            worker.serve(app).await
         })
 }
 
@@ -168,6 +169,12 @@ async fn notify(
         Ok(()) => "sent\n".to_owned(),
         Err(err) => format!("not sent: {err}\n"),
     }
+}
+
+/// Reads the whole request body and says how long it was (for tests of
+/// slow uploads).
+async fn echo(body: axum::body::Bytes) -> String {
+    format!("received {} bytes\n", body.len())
 }
 
 /// Blocks the whole event loop, as a careless synchronous call would.

@@ -28,6 +28,8 @@ compile_error!("corral supervises worker processes with Unix sockets and signals
 
 mod cluster;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ipc;
 mod logging;
 pub mod metrics;

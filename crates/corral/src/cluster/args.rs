@@ -81,6 +81,18 @@ pub struct ClusterArgs {
     /// Replace a worker whose resident memory exceeds this (e.g. 512M, 2G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub max_memory: Option<u64>,
+
+    /// Close a connection that has not sent a complete request head in this long (new or keep-alive).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "30s")]
+    pub header_timeout: Duration,
+
+    /// Close a keep-alive connection idle for this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+
+    /// Open connections per worker above which it stops accepting until one closes [default: from the descriptor limit].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 impl ClusterArgs {
@@ -118,6 +130,12 @@ impl ClusterArgs {
         }
         if let Some(bytes) = self.max_memory {
             builder = builder.max_memory(bytes);
+        }
+        builder = builder
+            .header_timeout(self.header_timeout)
+            .idle_timeout(self.idle_timeout);
+        if let Some(connections) = self.max_connections {
+            builder = builder.max_connections(connections);
         }
         builder
     }

@@ -342,6 +342,49 @@ impl ClusterBuilder {
         self
     }
 
+    /// How long a client of [`Worker::serve`](crate::Worker::serve) has to
+    /// send a complete request head: from accept on a new connection, from
+    /// its first byte on a keep-alive one; a request body gets as long and
+    /// must then keep arriving (default 30 s; `--header-timeout`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().header_timeout(Duration::from_secs(10));
+    /// # drop(b);
+    /// ```
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.config.header_timeout = timeout;
+        self
+    }
+
+    /// How long a keep-alive connection of [`Worker::serve`](crate::Worker::serve)
+    /// may wait for its next request (default 60 s; `--idle-timeout`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().idle_timeout(Duration::from_secs(15));
+    /// # drop(b);
+    /// ```
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// Open connections per worker above which [`Worker::serve`](crate::Worker::serve)
+    /// stops accepting until one closes, so new ones wait in the kernel's
+    /// queue instead of failing (default: what the worker's `RLIMIT_NOFILE`
+    /// allows with headroom, [`default_max_connections`](crate::net::default_max_connections);
+    /// `--max-connections`).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().max_connections(10_000);
+    /// # drop(b);
+    /// ```
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.config.max_connections = Some(connections.max(1));
+        self
+    }
+
     /// Clusters another program instead of this one: each worker is
     /// `program args...`, started with its slot's listening sockets by the
     /// systemd socket-activation convention (descriptors 3, 4, ...,

@@ -149,6 +149,12 @@ pub(crate) struct Config {
     pub external: Option<ExternalProgram>,
     /// How long an external program must stay up to count as ready.
     pub ready_after: Duration,
+    /// `Worker::serve`: time for a request head (and a body's grace).
+    pub header_timeout: Duration,
+    /// `Worker::serve`: how long a keep-alive connection may idle.
+    pub idle_timeout: Duration,
+    /// `Worker::serve`: open connections per worker; `None`: from `RLIMIT_NOFILE`.
+    pub max_connections: Option<usize>,
 }
 
 /// A program clustered by `run_command`.
@@ -185,6 +191,9 @@ impl Default for Config {
             admin: None,
             external: None,
             ready_after: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: None,
         }
     }
 }

@@ -125,6 +125,8 @@ struct Shared {
     draining: CancellationToken,
     /// Cancelled when the serve future should wind up.
     shutdown: CancellationToken,
+    /// The limits `Worker::serve` enforces.
+    serve_options: crate::net::ServeOptions,
 }
 
 impl Shared {
@@ -322,6 +324,61 @@ impl Worker {
     pub fn stats(&self) -> WorkerStats {
         self.shared.stats()
     }
+
+    /// Serves `app` (an axum `Router` or any tower service) on this worker's
+    /// connections until the worker has drained — the one call a worker
+    /// needs. It tells the primary the worker is ready, counts requests and
+    /// answers `Connection: close` while draining (as
+    /// [`track_requests`](Self::track_requests) does, so do not add that
+    /// layer too), and keeps clients from pinning the worker:
+    /// `--header-timeout`, `--idle-timeout` and `--max-connections` (see
+    /// [`ClusterBuilder::header_timeout`](crate::ClusterBuilder::header_timeout)
+    /// and the two after it).
+    ///
+    /// ```no_run
+    /// use axum::{routing::get, Router};
+    ///
+    /// corral::Cluster::builder().listen("127.0.0.1:8080").run(|worker| async move {
+    ///     let app = Router::new().route("/", get(|| async { "hello" }));
+    ///     worker.serve(app).await
+    /// })
+    /// # .unwrap();
+    /// ```
+    pub async fn serve<S, B>(&self, app: S) -> std::io::Result<()>
+    where
+        S: tower::Service<
+                axum::http::Request<axum::body::Body>,
+                Response = axum::http::Response<B>,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let app = tower::Layer::layer(&self.track_requests(), app);
+        let options = self.shared.serve_options;
+        tracing::info!(
+            "serving with --header-timeout {:?}, --idle-timeout {:?}, --max-connections {}",
+            options.header_timeout_value(),
+            options.idle_timeout_value(),
+            options.max_connections_value()
+        );
+        crate::net::serve(self.listener(), app, options, self.shutdown()).await
+    }
+}
+
+/// The limits of `Worker::serve`, the connection cap resolved against this
+/// process's descriptor limit.
+fn serve_options(config: &Config) -> crate::net::ServeOptions {
+    let options = crate::net::ServeOptions::default()
+        .header_timeout(config.header_timeout)
+        .idle_timeout(config.idle_timeout);
+    match config.max_connections {
+        Some(connections) => options.max_connections(connections),
+        None => options,
+    }
 }
 
 /// Runs the worker role: one single-threaded event loop serving `serve`.
@@ -376,6 +433,7 @@ where
             take_backlog: Arc::default(),
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
+            serve_options: serve_options(&config),
         });
         super::watchdog::start(
             shared.draining.clone(),

@@ -40,7 +40,7 @@ pub(crate) fn channel(stream: UnixStream) -> (Sender, Receiver) {
     )
 }
 
-fn codec() -> LengthDelimitedCodec {
+pub(crate) fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .length_field_type::<u32>()
         .max_frame_length(MAX_FRAME_BYTES)

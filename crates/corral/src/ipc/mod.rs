@@ -3,5 +3,5 @@
 mod channel;
 mod message;
 
-pub(crate) use channel::{channel, ChannelError, Receiver, Sender, MAX_FRAME_BYTES};
+pub(crate) use channel::{channel, codec, ChannelError, Receiver, Sender, MAX_FRAME_BYTES};
 pub(crate) use message::{ToPrimary, ToWorker};

@@ -51,6 +51,8 @@ pub struct Listener {
     /// already queued on the socket, since no replacement will.
     take_backlog: Arc<AtomicBool>,
     counters: Arc<WorkerCounters>,
+    /// Accepts failed in a row (out of descriptors, memory).
+    accept_failures: u32,
 }
 
 /// Connections the primary passed to this worker (accept-and-pass modes).
@@ -81,6 +83,7 @@ impl Listener {
             draining,
             take_backlog,
             counters,
+            accept_failures: 0,
         }
     }
 
@@ -139,22 +142,46 @@ impl Listener {
                     }
                 } => result,
             };
-            match result {
-                Ok((stream, peer)) => {
-                    // Small responses should leave at once, not wait for Nagle.
-                    let _ = stream.set_nodelay(true);
-                    return (Connection::new(stream, self.counters.clone()), peer);
-                }
+            let (stream, peer) = match result {
+                Ok(accepted) => accepted,
                 Err(err) if is_per_connection_error(&err) => continue,
                 Err(err) => {
-                    // Out of descriptors or memory: back off instead of spinning,
-                    // as hyper's and axum's own accept loops do.
-                    tracing::error!("accept failed: {err}; retrying in 100 ms");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of descriptors (EMFILE, ENFILE) or memory: the
+                    // connection stays queued and the socket stays readable,
+                    // so retrying at once would spin. Back off while the open
+                    // connections go on being served and some of them close.
+                    self.accept_failures += 1;
+                    let delay = accept_backoff(self.accept_failures);
+                    if self.accept_failures == 1 {
+                        tracing::warn!(
+                            "accept failed: {err}; retrying with a back-off of {delay:?} up to \
+                             {MAX_ACCEPT_BACKOFF:?} while open connections are served \
+                             (set --max-connections below the descriptor limit to queue instead)"
+                        );
+                    }
+                    tokio::time::sleep(delay).await;
+                    continue;
                 }
+            };
+            if self.accept_failures > 0 {
+                let failures = std::mem::take(&mut self.accept_failures);
+                tracing::info!("accepting again after {failures} failed attempts");
             }
+            // Small responses should leave at once, not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            return (Connection::new(stream, self.counters.clone()), peer);
         }
     }
+}
+
+/// The longest wait between two failed accepts.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// 10 ms after the first failure, doubling up to [`MAX_ACCEPT_BACKOFF`]: quick
+/// to recover when a few descriptors free up, cheap while none do.
+fn accept_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(4);
+    (Duration::from_millis(10) * (1 << doublings)).min(MAX_ACCEPT_BACKOFF)
 }
 
 async fn next_passed(passed: PassedQueue) -> Option<PassedConnection> {
@@ -265,5 +292,19 @@ impl AsyncWrite for Connection {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_grows_from_10_to_100_ms() {
+        assert_eq!(accept_backoff(1), Duration::from_millis(10));
+        assert_eq!(accept_backoff(2), Duration::from_millis(20));
+        assert_eq!(accept_backoff(4), Duration::from_millis(80));
+        assert_eq!(accept_backoff(5), MAX_ACCEPT_BACKOFF);
+        assert_eq!(accept_backoff(u32::MAX), MAX_ACCEPT_BACKOFF);
     }
 }

@@ -1,10 +1,13 @@
 //! Sockets: binding in the primary, accepting in the workers, handing
-//! connections from one to the other, PROXY protocol headers.
+//! connections from one to the other, PROXY protocol headers, and
+//! serving HTTP on them with timeouts and a connection cap.
 
 pub(crate) mod bind;
 pub(crate) mod fd_passing;
 mod listener;
 pub(crate) mod proxy_protocol;
+mod serve;
 
 pub(crate) use listener::PassedQueue;
 pub use listener::{Connection, Listener};
+pub use serve::{default_max_connections, serve, ServeOptions};
