@@ -8,17 +8,48 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::cluster::Balance;
 use crate::error::{Error, Result};
+use crate::net::steering::{self, Steering};
 
 const BACKLOG: i32 = 1024;
+
+/// How an address's sockets are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// One `SO_REUSEPORT` socket per slot, bound in slot order so that each
+    /// socket's index in the group is its slot (reuseport, kernel-steered sticky).
+    PerSlot,
+    /// One socket, accepted from by every worker (shared) or by the primary alone.
+    Single,
+}
+
+impl From<Balance> for Layout {
+    /// By mode alone: per slot for reuseport only. `Config::layout` also puts
+    /// kernel-steered sticky on per-slot sockets.
+    fn from(balance: Balance) -> Self {
+        match balance {
+            Balance::ReusePort => Layout::PerSlot,
+            _ => Layout::Single,
+        }
+    }
+}
 
 /// One `--listen` address and the sockets that serve it.
 #[derive(Debug)]
 pub(crate) struct BoundAddress {
     /// The real address, with the actual port when port 0 was asked for.
     pub local: SocketAddr,
-    /// One socket per slot in `ReusePort` mode, a single shared one otherwise;
-    /// `None` for a slot given up on.
+    layout: Layout,
+    /// One socket per slot in the `PerSlot` layout, a single shared one
+    /// otherwise; `None` for a slot whose socket was closed (never once
+    /// steering is on).
     sockets: Vec<Option<Socket>>,
+    /// The steering attached last, if any.
+    steering: Option<Steering>,
+    /// Set when a program was ever attached: from then on no socket may
+    /// close, or the kernel would renumber the group under the program.
+    ever_steered: bool,
+    /// Set once attaching failed: logged once, not retried.
+    steering_failed: bool,
 }
 
 impl BoundAddress {
@@ -27,32 +58,111 @@ impl BoundAddress {
         self.sockets[slot % self.sockets.len()].as_ref()
     }
 
-    /// Closes a slot's own socket (`ReusePort` mode) so the kernel stops
-    /// queueing that slot's share of new connections where no worker will
-    /// ever accept them; the other slots' sockets take it over.
+    /// Every open socket of this address: what the primary accepts from when
+    /// it accepts (on per-slot sockets too, where steering is unavailable).
+    pub fn sockets(&self) -> impl Iterator<Item = &Socket> {
+        self.sockets.iter().flatten()
+    }
+
+    /// Closes a slot's own socket (per-slot layout, without steering) so the
+    /// kernel stops queueing that slot's share of new connections where no
+    /// worker will ever accept them; the other slots' sockets take it over.
+    /// Does nothing while the group is steered: closing would renumber the
+    /// group, and the program already sends the slot nothing.
     pub fn close_slot(&mut self, slot: usize) {
-        if self.sockets.len() > 1 {
+        if self.layout == Layout::PerSlot && !self.ever_steered && self.sockets.len() > 1 {
             self.sockets[slot] = None;
         }
     }
 
-    /// Binds a closed slot's socket again, joining the `SO_REUSEPORT` group.
+    /// Binds a closed slot's socket again, joining the `SO_REUSEPORT` group;
+    /// for a slot past the last one (scaling up), binds sockets up to it, so
+    /// each new socket's index in the group is again its slot.
     pub fn reopen_slot(&mut self, slot: usize) -> Result<()> {
-        if self.sockets.len() > 1 && self.sockets[slot].is_none() {
+        if self.layout != Layout::PerSlot {
+            return Ok(());
+        }
+        while self.sockets.len() <= slot {
+            let socket =
+                listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
+            self.sockets.push(Some(socket));
+        }
+        if self.sockets[slot].is_none() {
             let socket =
                 listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
             self.sockets[slot] = Some(socket);
         }
         Ok(())
     }
+
+    /// Steers the group's new connections (per-slot layout, Linux): attaches
+    /// the program for `steering`, replacing the previous one atomically, or
+    /// keeps it when nothing changed. Slots past the group's sockets are
+    /// ignored. Returns whether steering is on; when attaching fails it says
+    /// so once in the log and stays off, and the kernel spreads connections
+    /// by its own hash.
+    pub fn steer(&mut self, steering: &Steering) -> bool {
+        if self.layout != Layout::PerSlot || self.steering_failed {
+            return false;
+        }
+        let count = self.sockets.len();
+        let steering = match steering {
+            Steering::Ready(slots) => {
+                Steering::Ready(slots.iter().copied().filter(|&slot| slot < count).collect())
+            }
+            Steering::Sticky(keeps) => {
+                Steering::Sticky(keeps.iter().copied().take(count).collect())
+            }
+        };
+        if self.steering.as_ref() == Some(&steering) {
+            return true;
+        }
+        let result = if !steering::supported() {
+            // `supported` has logged why.
+            Err(None)
+        } else if self.sockets.iter().any(Option::is_none) {
+            Err(Some(io::Error::other(
+                "a slot's socket was closed before steering started, so the group's order no longer matches the slots",
+            )))
+        } else {
+            let socket = self.sockets().next().expect("a per-slot address has sockets");
+            steering::attach(socket, &steering.compile()).map_err(Some)
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!("{}: steering new connections: {steering:?}", self.local);
+                self.steering = Some(steering);
+                self.ever_steered = true;
+                true
+            }
+            Err(err) => {
+                if let Some(err) = err {
+                    tracing::warn!(
+                        "{}: cannot steer new connections to ready workers ({err}); the kernel spreads them over every slot instead",
+                        self.local
+                    );
+                }
+                self.steering_failed = true;
+                self.steering = None;
+                false
+            }
+        }
+    }
+
+    /// Whether a steering program is attached.
+    pub fn is_steered(&self) -> bool {
+        self.steering.is_some()
+    }
 }
 
-/// Binds every address for `slots` workers in the given balancing mode.
+/// Binds every address for `slots` workers, in the layout given (a
+/// [`Layout`], or a [`Balance`] for the mode's default layout).
 pub(crate) fn bind_all(
     addresses: &[String],
     slots: usize,
-    balance: Balance,
+    layout: impl Into<Layout>,
 ) -> Result<Vec<BoundAddress>> {
+    let layout = layout.into();
     if addresses.is_empty() {
         return Err(Error::NoListenAddress);
     }
@@ -60,7 +170,7 @@ pub(crate) fn bind_all(
         .iter()
         .map(|text| {
             let addr = resolve(text)?;
-            bind_address(addr, slots, balance)
+            bind_address(addr, slots, layout)
         })
         .collect()
 }
@@ -84,7 +194,7 @@ pub(crate) fn resolve(text: &str) -> Result<SocketAddr> {
         .ok_or_else(|| invalid("the host name has no address".to_owned()))
 }
 
-fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<BoundAddress> {
+fn bind_address(addr: SocketAddr, slots: usize, layout: Layout) -> Result<BoundAddress> {
     // With SO_REUSEPORT the kernel would let us join another process's group on
     // the same port and silently split its traffic. A probe bound without it
     // fails with EADDRINUSE if anyone listens there, and resolves port 0.
@@ -95,18 +205,23 @@ fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<Boun
     let actual = local_addr(&probe).map_err(|err| bind_error(addr, err))?;
     drop(probe);
 
-    let count = match balance {
-        Balance::ReusePort => slots,
-        _ => 1,
+    let (count, reuse_port) = match layout {
+        Layout::PerSlot => (slots.max(1), true),
+        Layout::Single => (1, false),
     };
-    let reuse_port = count > 1;
+    // In slot order: the kernel numbers a group's sockets in the order they
+    // start listening, and steering relies on that number being the slot.
     let sockets = (0..count)
         .map(|_| listening_socket(actual, reuse_port).map(Some))
         .collect::<io::Result<Vec<_>>>()
         .map_err(|err| bind_error(actual, err))?;
     Ok(BoundAddress {
         local: actual,
+        layout,
         sockets,
+        steering: None,
+        ever_steered: false,
+        steering_failed: false,
     })
 }
 

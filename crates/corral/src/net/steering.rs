@@ -585,4 +585,150 @@ mod tests {
             assert!(ready.0.len() <= MAX_INSTRUCTIONS);
         }
     }
+
+    /// A real reuseport group of `slots` sockets on loopback, bound by the
+    /// primary's own code, and a way to see which socket took a connection.
+    #[cfg(target_os = "linux")]
+    mod kernel {
+        use super::*;
+        use crate::net::bind::{bind_all, BoundAddress, Layout};
+        use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+        use std::net::SocketAddr;
+        use std::time::{Duration, Instant};
+
+        fn group(host: &str, slots: usize) -> BoundAddress {
+            let mut bound = bind_all(&[format!("{host}:0")], slots, Layout::PerSlot).unwrap();
+            let address = bound.remove(0);
+            for socket in address.sockets() {
+                socket.set_nonblocking(true).unwrap();
+            }
+            address
+        }
+
+        /// Connects from `client` (port chosen by the kernel) and returns the
+        /// slot whose socket accepted, with the accepted stream.
+        fn connect_from(address: &BoundAddress, client: IpAddr) -> (usize, Socket) {
+            let socket =
+                Socket::new(Domain::for_address(address.local), Type::STREAM, Some(Protocol::TCP))
+                    .unwrap();
+            socket
+                .bind(&SockAddr::from(SocketAddr::new(client, 0)))
+                .unwrap();
+            socket.connect(&address.local.into()).unwrap();
+            let ours = socket.local_addr().unwrap().as_socket().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            loop {
+                for (slot, listener) in address.sockets().enumerate() {
+                    if let Ok((accepted, peer)) = listener.accept() {
+                        assert_eq!(peer.as_socket(), Some(ours), "an unexpected connection");
+                        return (slot, accepted);
+                    }
+                }
+                assert!(Instant::now() < deadline, "no socket accepted {ours}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+
+        fn nothing_parked(address: &BoundAddress) {
+            for (slot, listener) in address.sockets().enumerate() {
+                let parked = listener.accept();
+                assert!(parked.is_err(), "slot {slot} has a connection parked");
+            }
+        }
+
+        fn loopback(k: u32) -> IpAddr {
+            IpAddr::V4(Ipv4Addr::new(127, 0, (k / 250) as u8, (k % 250 + 1) as u8))
+        }
+
+        #[test]
+        fn the_kernel_sends_connections_only_to_ready_slots() {
+            let mut address = group("127.0.0.1", 4);
+            assert!(address.steer(&Steering::Ready(vec![1, 3])));
+            let mut counts = [0usize; 4];
+            for k in 0..120 {
+                let (slot, _) = connect_from(&address, loopback(k % 40));
+                counts[slot] += 1;
+            }
+            assert_eq!(counts[0] + counts[2], 0, "{counts:?}");
+            assert!(counts[1] > 20 && counts[3] > 20, "{counts:?}");
+            nothing_parked(&address);
+
+            // A new set takes effect for the next connection.
+            assert!(address.steer(&Steering::Ready(vec![2])));
+            for k in 0..20 {
+                assert_eq!(connect_from(&address, loopback(k)).0, 2);
+            }
+            nothing_parked(&address);
+        }
+
+        #[test]
+        fn the_kernel_maps_each_client_to_its_tables_slot() {
+            let mut address = group("127.0.0.1", 4);
+            for keeps in [vec![true; 4], vec![true, false, true, true]] {
+                assert!(address.steer(&Steering::Sticky(keeps.clone())));
+                let table = sticky_table(&keeps);
+                let mut used = [false; 4];
+                for k in 0..60 {
+                    let client = loopback(k * 5);
+                    let expected = table[bucket_of(client)];
+                    for _ in 0..3 {
+                        assert_eq!(connect_from(&address, client).0, expected, "{client}");
+                    }
+                    used[expected] = true;
+                }
+                assert_eq!(used, [true, keeps[1], true, true], "{keeps:?}");
+                nothing_parked(&address);
+            }
+        }
+
+        #[test]
+        fn the_kernel_maps_an_ipv6_client_to_its_tables_slot() {
+            let Ok(mut bound) = bind_all(&["[::1]:0".to_owned()], 3, Layout::PerSlot) else {
+                eprintln!("no IPv6 loopback here; skipped");
+                return;
+            };
+            let mut address = bound.remove(0);
+            for socket in address.sockets() {
+                socket.set_nonblocking(true).unwrap();
+            }
+            let client = IpAddr::V6(Ipv6Addr::LOCALHOST);
+            let first = sticky_table(&[true; 3])[bucket_of(client)];
+            // Also with its first choice unavailable, so the check cannot
+            // pass by luck of the kernel's own hash.
+            let mut keeps = vec![true; 3];
+            keeps[first] = false;
+            let second = sticky_table(&keeps)[bucket_of(client)];
+            assert_ne!(first, second);
+            for (steering, expected) in [
+                (Steering::Sticky(vec![true; 3]), first),
+                (Steering::Sticky(keeps), second),
+            ] {
+                assert!(address.steer(&steering));
+                for _ in 0..10 {
+                    assert_eq!(connect_from(&address, client).0, expected);
+                }
+            }
+            assert!(address.steer(&Steering::Ready(vec![second])));
+            for _ in 0..10 {
+                assert_eq!(connect_from(&address, client).0, second);
+            }
+            nothing_parked(&address);
+        }
+
+        #[test]
+        fn a_steered_group_keeps_its_sockets_and_grows_in_slot_order() {
+            let mut address = group("127.0.0.1", 2);
+            assert!(address.steer(&Steering::Ready(vec![0, 1])));
+            // Closing would renumber the group under the program.
+            address.close_slot(0);
+            assert!(address.socket_for_slot(0).is_some());
+            // Scaling up: slot 2's socket joins as the group's third.
+            address.reopen_slot(2).unwrap();
+            address.socket_for_slot(2).unwrap().set_nonblocking(true).unwrap();
+            assert!(address.steer(&Steering::Ready(vec![2])));
+            for k in 0..10 {
+                assert_eq!(connect_from(&address, loopback(k)).0, 2);
+            }
+        }
+    }
 }
