@@ -390,21 +390,29 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
     }
 }
 
-/// Moves connections the primary passes into the listener's queue.
+/// Moves connections the primary passes into the listener's queue. Each
+/// batch is acknowledged as it is received, before any is served, so the
+/// primary can let go of its copies.
 async fn receive_connections(
-    receiver: ConnectionReceiver,
+    mut receiver: ConnectionReceiver,
     queue: mpsc::UnboundedSender<PassedConnection>,
     shared: Arc<Shared>,
 ) {
-    loop {
-        match receiver.recv().await {
-            Ok(Some(connection)) => {
-                shared.passed_pending.fetch_add(1, Ordering::SeqCst);
-                if queue.send(connection).is_err() {
-                    break;
+    /// Connections taken (and acknowledged) per wake-up under load.
+    const BATCH: usize = 64;
+    'receiving: loop {
+        match receiver.recv_batch(BATCH).await {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => {
+                shared
+                    .passed_pending
+                    .fetch_add(batch.len(), Ordering::SeqCst);
+                for connection in batch {
+                    if queue.send(connection).is_err() {
+                        break 'receiving;
+                    }
                 }
             }
-            Ok(None) => break,
             Err(err) => {
                 tracing::warn!("cannot receive connections from the primary: {err}");
                 break;
