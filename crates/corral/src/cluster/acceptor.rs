@@ -186,9 +186,11 @@ mod tests {
             for control in message.cmsgs().unwrap() {
                 if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = control {
                     // SAFETY: just received; nothing else owns them.
-                    taken.extend(fds.into_iter().map(|fd| unsafe {
-                        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-                    }));
+                    taken.extend(
+                        fds.into_iter().map(|fd| unsafe {
+                            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                        }),
+                    );
                 }
             }
         }

@@ -192,6 +192,7 @@ impl Config {
     /// True where the primary accepts every connection and passes it to a
     /// worker: round-robin, least-conn, and sticky when the client address
     /// is in the payload (`--proxy-protocol`) or the kernel cannot steer.
+    #[allow(dead_code)] // Called by the supervisor rewrite (issue 9).
     pub fn primary_accepts(&self) -> bool {
         match self.balance {
             Balance::RoundRobin | Balance::LeastConnections => true,
@@ -204,6 +205,7 @@ impl Config {
     /// `SO_REUSEPORT` group the kernel spreads (and, where it can, the
     /// primary steers) for reuseport and for sticky whenever the primary
     /// does not accept; one socket otherwise.
+    #[allow(dead_code)] // Called by the supervisor rewrite (issue 9).
     pub fn layout(&self) -> Layout {
         match self.balance {
             Balance::ReusePort => Layout::PerSlot,

@@ -125,7 +125,10 @@ impl BoundAddress {
                 "a slot's socket was closed before steering started, so the group's order no longer matches the slots",
             )))
         } else {
-            let socket = self.sockets().next().expect("a per-slot address has sockets");
+            let socket = self
+                .sockets()
+                .next()
+                .expect("a per-slot address has sockets");
             steering::attach(socket, &steering.compile()).map_err(Some)
         };
         match result {
@@ -153,6 +156,14 @@ impl BoundAddress {
     pub fn is_steered(&self) -> bool {
         self.steering.is_some()
     }
+}
+
+/// Steers every address's group the same way (see [`BoundAddress::steer`]);
+/// true when all of them are steered.
+pub(crate) fn steer_all(bound: &mut [BoundAddress], steering: &Steering) -> bool {
+    // Every address, even after one fails: each must get the new program.
+    let steered: Vec<bool> = bound.iter_mut().map(|a| a.steer(steering)).collect();
+    steered.into_iter().all(|steered| steered)
 }
 
 /// Binds every address for `slots` workers, in the layout given (a

@@ -440,7 +440,11 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (mut client, connection) = connection(&listener);
         let header = connection.header;
-        sender.send(connection).await.map_err(|(err, _)| err).unwrap();
+        sender
+            .send(connection)
+            .await
+            .map_err(|(err, _)| err)
+            .unwrap();
         assert_eq!(sender.unacknowledged(), 1);
         let mut passed = receiver.recv().await.unwrap().unwrap();
         assert_eq!(passed.header, header);
@@ -459,7 +463,11 @@ mod tests {
         for _ in 0..10 {
             let (client, connection) = connection(&listener);
             clients.push(client);
-            sender.send(connection).await.map_err(|(err, _)| err).unwrap();
+            sender
+                .send(connection)
+                .await
+                .map_err(|(err, _)| err)
+                .unwrap();
         }
         let batch = receiver.recv_batch(64).await.unwrap();
         assert_eq!(batch.len(), 10);
@@ -476,7 +484,11 @@ mod tests {
         for _ in 0..5 {
             let (client, connection) = connection(&listener);
             clients.push((client, connection.header));
-            sender.send(connection).await.map_err(|(err, _)| err).unwrap();
+            sender
+                .send(connection)
+                .await
+                .map_err(|(err, _)| err)
+                .unwrap();
         }
         // The worker takes two descriptors and dies with three still queued.
         let taken = [take_without_ack(&worker), take_without_ack(&worker)];
@@ -502,7 +514,11 @@ mod tests {
         for _ in 0..2 {
             let (client, connection) = connection(&listener);
             clients.push(client);
-            sender.send(connection).await.map_err(|(err, _)| err).unwrap();
+            sender
+                .send(connection)
+                .await
+                .map_err(|(err, _)| err)
+                .unwrap();
         }
         let kept = receiver.recv_batch(64).await.unwrap();
         assert_eq!(kept.len(), 2);
@@ -525,7 +541,11 @@ mod tests {
         let mut receiver = ConnectionReceiver::new(worker).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (_client, connection) = connection(&listener);
-        sender.send(connection).await.map_err(|(err, _)| err).unwrap();
+        sender
+            .send(connection)
+            .await
+            .map_err(|(err, _)| err)
+            .unwrap();
         sender.finish().unwrap();
         assert_eq!(receiver.recv_batch(64).await.unwrap().len(), 1);
         assert!(receiver.recv_batch(64).await.unwrap().is_empty());

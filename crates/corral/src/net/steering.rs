@@ -18,7 +18,6 @@
 use std::io;
 use std::net::IpAddr;
 
-
 /// Buckets of the sticky table: enough that each of a few dozen slots gets an
 /// even share of clients (±1.5 % at 2 slots), few enough that the program
 /// (about two instructions per bucket) stays well under the kernel's 4096.
@@ -205,6 +204,24 @@ pub(crate) fn sticky_table(keeps: &[bool]) -> Vec<usize> {
 }
 
 impl Steering {
+    /// The steering for a mode, from which slots take new connections now:
+    /// `takes[slot]` is true for a slot with a ready worker or one taking
+    /// over right now (a reload, an immediate restart), false for one that
+    /// backs off, is given up or is scaled down. Sticky keeps clients on
+    /// their slots; every other mode steers to the ready set.
+    pub fn for_balance(balance: crate::cluster::Balance, takes: &[bool]) -> Steering {
+        match balance {
+            crate::cluster::Balance::Sticky => Steering::Sticky(takes.to_vec()),
+            _ => Steering::Ready(
+                takes
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(slot, &takes)| takes.then_some(slot))
+                    .collect(),
+            ),
+        }
+    }
+
     /// Compiles the program that steers this way.
     pub fn compile(&self) -> Program {
         match self {
@@ -393,7 +410,11 @@ mod tests {
         let load = |offset: u32, size: usize| -> Option<u32> {
             let start = offset.checked_sub(op::NET)? as usize;
             let bytes = packet.get(start..start + size)?;
-            Some(bytes.iter().fold(0u32, |value, &b| value << 8 | u32::from(b)))
+            Some(
+                bytes
+                    .iter()
+                    .fold(0u32, |value, &b| value << 8 | u32::from(b)),
+            )
         };
         let size = |code: u16| match code & 0x18 {
             op::W => 4,
@@ -567,6 +588,20 @@ mod tests {
     }
 
     #[test]
+    fn the_mode_picks_the_program() {
+        use crate::cluster::Balance;
+        let takes = [true, false, true];
+        assert_eq!(
+            Steering::for_balance(Balance::ReusePort, &takes),
+            Steering::Ready(vec![0, 2])
+        );
+        assert_eq!(
+            Steering::for_balance(Balance::Sticky, &takes),
+            Steering::Sticky(takes.to_vec())
+        );
+    }
+
+    #[test]
     fn with_nobody_ready_the_kernel_chooses() {
         for steering in [Steering::Ready(vec![]), Steering::Sticky(vec![])] {
             assert_eq!(
@@ -581,7 +616,11 @@ mod tests {
         for slots in [1, 2, 3, 8, 31, 64, 256] {
             let sticky = Steering::Sticky(vec![true; slots]).compile();
             let ready = Steering::Ready((0..slots).collect()).compile();
-            assert!(sticky.0.len() <= MAX_INSTRUCTIONS, "{slots}: {}", sticky.0.len());
+            assert!(
+                sticky.0.len() <= MAX_INSTRUCTIONS,
+                "{slots}: {}",
+                sticky.0.len()
+            );
             assert!(ready.0.len() <= MAX_INSTRUCTIONS);
         }
     }
@@ -608,9 +647,12 @@ mod tests {
         /// Connects from `client` (port chosen by the kernel) and returns the
         /// slot whose socket accepted, with the accepted stream.
         fn connect_from(address: &BoundAddress, client: IpAddr) -> (usize, Socket) {
-            let socket =
-                Socket::new(Domain::for_address(address.local), Type::STREAM, Some(Protocol::TCP))
-                    .unwrap();
+            let socket = Socket::new(
+                Domain::for_address(address.local),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
+            .unwrap();
             socket
                 .bind(&SockAddr::from(SocketAddr::new(client, 0)))
                 .unwrap();
@@ -724,7 +766,11 @@ mod tests {
             assert!(address.socket_for_slot(0).is_some());
             // Scaling up: slot 2's socket joins as the group's third.
             address.reopen_slot(2).unwrap();
-            address.socket_for_slot(2).unwrap().set_nonblocking(true).unwrap();
+            address
+                .socket_for_slot(2)
+                .unwrap()
+                .set_nonblocking(true)
+                .unwrap();
             assert!(address.steer(&Steering::Ready(vec![2])));
             for k in 0..10 {
                 assert_eq!(connect_from(&address, loopback(k)).0, 2);
