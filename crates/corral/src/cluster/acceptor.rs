@@ -88,7 +88,7 @@ pub(crate) async fn dispatch(
 ) {
     let mut open = true;
     let mut refused = None;
-    loop {
+    'dispatching: loop {
         tokio::select! {
             // Acknowledgements first: they free descriptors.
             biased;
@@ -102,13 +102,27 @@ pub(crate) async fn dispatch(
                 }
             },
             next = connections.recv(), if open => match next {
-                Some(connection) => {
-                    if let Err((err, connection)) = sender.send(connection).await {
-                        tracing::debug!("slot {slot}: cannot pass a connection ({err}); rerouting");
-                        refused = Some(connection);
-                        break;
+                Some(mut connection) => loop {
+                    match sender.send(connection).await {
+                        Ok(()) => break,
+                        Err((err, back)) if worker_gone(&err) => {
+                            tracing::debug!("slot {slot}: cannot pass a connection ({err}); rerouting");
+                            refused = Some(back);
+                            // Its last acknowledgements may still be queued
+                            // here: read them all, up to the end, so nothing
+                            // it took is passed twice.
+                            while let Ok(true) = sender.acknowledged().await {}
+                            break 'dispatching;
+                        }
+                        Err((err, back)) => {
+                            // The worker is still there (too many descriptors
+                            // in flight, no memory): try again shortly.
+                            tracing::debug!("slot {slot}: cannot pass a connection yet ({err})");
+                            connection = back;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                     }
-                }
+                },
                 None => {
                     open = false;
                     if let Err(err) = sender.finish() {
@@ -136,6 +150,16 @@ pub(crate) async fn dispatch(
     while let Ok(connection) = connections.try_recv() {
         balancer.requeue(slot, generation, connection);
     }
+}
+
+/// True for the errors that mean the worker's end of the pair is closed.
+fn worker_gone(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::NotConnected
+    )
 }
 
 #[cfg(test)]

@@ -42,17 +42,30 @@ pub(crate) struct PassedHeader {
     pub client: SocketAddr,
 }
 
-/// One message on the pair: the header and the number the worker
-/// acknowledges it by.
-#[derive(Debug, Serialize, Deserialize)]
-struct Frame {
-    seq: u64,
-    header: PassedHeader,
+/// One message on the pair: the header, then the sequence number the worker
+/// acknowledges it by. The number trails the header so that a worker from
+/// an older build (a reload can start one under this primary only the other
+/// way round, but the format is the contract) reads the header alone, and a
+/// newer worker under a primary that sends no number knows not to
+/// acknowledge.
+pub(crate) fn encode_frame(seq: u64, header: &PassedHeader) -> Result<Vec<u8>, postcard::Error> {
+    let mut frame = postcard::to_allocvec(header)?;
+    frame.extend_from_slice(&postcard::to_allocvec(&seq)?);
+    Ok(frame)
 }
 
-/// Decodes the bytes that came with a descriptor: its sequence number and header.
-pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(u64, PassedHeader), postcard::Error> {
-    postcard::from_bytes::<Frame>(bytes).map(|frame| (frame.seq, frame.header))
+/// Decodes the bytes that came with a descriptor: its header, and its
+/// sequence number when the primary wants an acknowledgement.
+pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Option<u64>, PassedHeader), postcard::Error> {
+    let (header, rest) = postcard::take_from_bytes::<PassedHeader>(bytes)?;
+    if rest.is_empty() {
+        return Ok((None, header));
+    }
+    let (seq, rest) = postcard::take_from_bytes::<u64>(rest)?;
+    if !rest.is_empty() {
+        return Err(postcard::Error::DeserializeBadEncoding);
+    }
+    Ok((Some(seq), header))
 }
 
 /// A connection on its way to a worker.
@@ -108,11 +121,7 @@ impl ConnectionSender {
         connection: PassedConnection,
     ) -> Result<(), (io::Error, PassedConnection)> {
         let seq = self.next_seq;
-        let frame = Frame {
-            seq,
-            header: connection.header,
-        };
-        let frame = match postcard::to_allocvec(&frame) {
+        let frame = match encode_frame(seq, &connection.header) {
             Ok(bytes) => bytes,
             Err(err) => return Err((io::Error::other(err), connection)),
         };
@@ -297,7 +306,9 @@ impl ConnectionReceiver {
                     continue;
                 }
             };
-            self.taken = self.taken.max(seq);
+            if let Some(seq) = seq {
+                self.taken = self.taken.max(seq);
+            }
             let Some(fd) = fd else {
                 tracing::warn!("a connection message arrived without its descriptor; skipped");
                 continue;
@@ -577,15 +588,51 @@ mod tests {
     fn garbage_frames_are_refused() {
         assert!(decode_frame(&[]).is_err());
         assert!(decode_frame(&[0xff; 40]).is_err());
-        let frame = postcard::to_allocvec(&Frame {
-            seq: 7,
-            header: PassedHeader {
-                listener: 2,
-                client: "[::1]:9".parse().unwrap(),
-            },
-        })
-        .unwrap();
+        let header = PassedHeader {
+            listener: 2,
+            client: "[::1]:9".parse().unwrap(),
+        };
+        let frame = encode_frame(u64::MAX, &header).unwrap();
         assert!(frame.len() <= MAX_HEADER);
-        assert_eq!(decode_frame(&frame).unwrap().0, 7);
+        assert_eq!(decode_frame(&frame).unwrap(), (Some(u64::MAX), header));
+        let mut longer = frame.clone();
+        longer.push(0);
+        assert!(decode_frame(&longer).is_err());
+    }
+
+    #[test]
+    fn frames_without_a_sequence_number_still_decode() {
+        // What a primary without acknowledgements sends, and what a worker
+        // without them reads from a newer primary.
+        let header = PassedHeader {
+            listener: 0,
+            client: "192.0.2.1:4000".parse().unwrap(),
+        };
+        let old = postcard::to_allocvec(&header).unwrap();
+        assert_eq!(decode_frame(&old).unwrap(), (None, header));
+        let new = encode_frame(9, &header).unwrap();
+        assert_eq!(postcard::from_bytes::<PassedHeader>(&new).unwrap(), header);
+    }
+
+    #[tokio::test]
+    async fn a_primary_that_wants_no_acknowledgement_gets_none() {
+        let (primary, worker) = pair().unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_client, passed) = connection(&listener);
+        let old = postcard::to_allocvec(&passed.header).unwrap();
+        let fds = [passed.stream.as_raw_fd()];
+        sendmsg::<()>(
+            primary.as_raw_fd(),
+            &[IoSlice::new(&old)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(receiver.recv_batch(8).await.unwrap().len(), 1);
+        let mut buffer = [0u8; 16];
+        let nothing = recv(primary.as_raw_fd(), &mut buffer, MsgFlags::MSG_DONTWAIT);
+        assert_eq!(nothing, Err(nix::errno::Errno::EAGAIN));
     }
 }
