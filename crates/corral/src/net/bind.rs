@@ -8,7 +8,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::cluster::Balance;
 use crate::error::{Error, Result};
-use crate::net::steering::{self, Steering};
+use crate::net::steering::{self, Program, Steering};
 
 const BACKLOG: i32 = 1024;
 
@@ -40,14 +40,17 @@ pub(crate) struct BoundAddress {
     pub local: SocketAddr,
     layout: Layout,
     /// One socket per slot in the `PerSlot` layout, a single shared one
-    /// otherwise; `None` for a slot whose socket was closed (never once
-    /// steering is on).
+    /// otherwise; `None` for a slot whose socket was closed.
     sockets: Vec<Option<Socket>>,
-    /// The steering attached last, if any.
+    /// The slot of each socket of the group, in the kernel's order: a
+    /// steering program returns an index into this. It is the slot order
+    /// until a socket closes, when the kernel moves its group's last socket
+    /// into the gap; new sockets join at the end.
+    group: Vec<usize>,
+    /// What the supervisor asked for last, in slots.
     steering: Option<Steering>,
-    /// Set when a program was ever attached: from then on no socket may
-    /// close, or the kernel would renumber the group under the program.
-    ever_steered: bool,
+    /// The program attached now.
+    attached: Option<Program>,
     /// Set once attaching failed: logged once, not retried.
     steering_failed: bool,
 }
@@ -59,84 +62,119 @@ impl BoundAddress {
     }
 
     /// Every open socket of this address: what the primary accepts from when
-    /// it accepts (on per-slot sockets too, where steering is unavailable).
+    /// it accepts.
     pub fn sockets(&self) -> impl Iterator<Item = &Socket> {
         self.sockets.iter().flatten()
     }
 
-    /// Closes a slot's own socket (per-slot layout, without steering) so the
-    /// kernel stops queueing that slot's share of new connections where no
-    /// worker will ever accept them; the other slots' sockets take it over.
-    /// Does nothing while the group is steered: closing would renumber the
-    /// group, and the program already sends the slot nothing.
+    /// Each open socket with its slot (per-slot layout; slot 0 otherwise).
+    pub fn slot_sockets(&self) -> impl Iterator<Item = (usize, &Socket)> {
+        self.sockets
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, socket)| socket.as_ref().map(|socket| (slot, socket)))
+    }
+
+    /// Closes a slot's own socket (per-slot layout) so the kernel stops
+    /// queueing that slot's share of new connections where no worker will
+    /// ever accept them (a slot given up on, or scaled down); the other
+    /// slots' sockets take it over. Connections still queued on it are reset
+    /// (or, with `net.ipv4.tcp_migrate_req`, moved to another socket).
+    ///
+    /// A steered group is re-steered around the gap: first away from the
+    /// slot, then, once the kernel has renumbered the group, by the new order.
     pub fn close_slot(&mut self, slot: usize) {
-        if self.layout == Layout::PerSlot && !self.ever_steered && self.sockets.len() > 1 {
-            self.sockets[slot] = None;
+        if self.layout != Layout::PerSlot || self.sockets.len() <= 1 || self.sockets[slot].is_none()
+        {
+            return;
+        }
+        let requested = self.steering.clone();
+        if let Some(steering) = &requested {
+            self.apply(&steering.without(slot));
+        }
+        self.sockets[slot] = None;
+        if let Some(index) = self.group.iter().position(|&s| s == slot) {
+            // The kernel's own rule (reuseport_detach_sock).
+            self.group.swap_remove(index);
+        }
+        if let Some(steering) = &requested {
+            self.apply(steering);
         }
     }
 
     /// Binds a closed slot's socket again, joining the `SO_REUSEPORT` group;
-    /// for a slot past the last one (scaling up), binds sockets up to it, so
-    /// each new socket's index in the group is again its slot.
+    /// for a slot past the last one (scaling up), binds sockets up to it. A
+    /// steered group is re-steered to include it.
     pub fn reopen_slot(&mut self, slot: usize) -> Result<()> {
         if self.layout != Layout::PerSlot {
             return Ok(());
         }
+        if self.group.is_empty() {
+            // The group went with its last socket; a new one has no program.
+            self.attached = None;
+        }
         while self.sockets.len() <= slot {
             let socket =
                 listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
+            self.group.push(self.sockets.len());
             self.sockets.push(Some(socket));
         }
         if self.sockets[slot].is_none() {
             let socket =
                 listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
             self.sockets[slot] = Some(socket);
+            self.group.push(slot);
+        }
+        if let Some(steering) = self.steering.clone() {
+            self.apply(&steering);
         }
         Ok(())
     }
 
     /// Steers the group's new connections (per-slot layout, Linux): attaches
     /// the program for `steering`, replacing the previous one atomically, or
-    /// keeps it when nothing changed. Slots past the group's sockets are
-    /// ignored. Returns whether steering is on; when attaching fails it says
-    /// so once in the log and stays off, and the kernel spreads connections
-    /// by its own hash.
+    /// keeps it when nothing changed. Slots without a socket are left out.
+    /// Returns whether steering is on; when attaching fails it says so once
+    /// in the log and stays off, and the kernel spreads connections by its
+    /// own hash.
     pub fn steer(&mut self, steering: &Steering) -> bool {
         if self.layout != Layout::PerSlot || self.steering_failed {
             return false;
         }
-        let count = self.sockets.len();
-        let steering = match steering {
-            Steering::Ready(slots) => {
-                Steering::Ready(slots.iter().copied().filter(|&slot| slot < count).collect())
-            }
-            Steering::Sticky(keeps) => {
-                Steering::Sticky(keeps.iter().copied().take(count).collect())
-            }
-        };
-        if self.steering.as_ref() == Some(&steering) {
-            return true;
+        if self.steering.as_ref() != Some(steering) {
+            self.steering = Some(steering.clone());
+            self.apply(steering);
+        }
+        !self.steering_failed
+    }
+
+    /// Attaches the program for `steering` in the group's current order,
+    /// unless it is attached already.
+    fn apply(&mut self, steering: &Steering) {
+        if self.steering_failed {
+            return;
+        }
+        let program = steering.compile(&self.group);
+        if self.attached.as_ref() == Some(&program) {
+            return;
         }
         let result = if !steering::supported() {
             // `supported` has logged why.
             Err(None)
-        } else if self.sockets.iter().any(Option::is_none) {
-            Err(Some(io::Error::other(
-                "a slot's socket was closed before steering started, so the group's order no longer matches the slots",
-            )))
         } else {
-            let socket = self
-                .sockets()
-                .next()
-                .expect("a per-slot address has sockets");
-            steering::attach(socket, &steering.compile()).map_err(Some)
+            match self.sockets().next() {
+                Some(socket) => steering::attach(socket, &program).map_err(Some),
+                None => return,
+            }
         };
         match result {
             Ok(()) => {
-                tracing::debug!("{}: steering new connections: {steering:?}", self.local);
-                self.steering = Some(steering);
-                self.ever_steered = true;
-                true
+                tracing::debug!(
+                    "{}: steering new connections: {steering:?} over group {:?}",
+                    self.local,
+                    self.group
+                );
+                self.attached = Some(program);
             }
             Err(err) => {
                 if let Some(err) = err {
@@ -147,14 +185,13 @@ impl BoundAddress {
                 }
                 self.steering_failed = true;
                 self.steering = None;
-                false
             }
         }
     }
 
     /// Whether a steering program is attached.
     pub fn is_steered(&self) -> bool {
-        self.steering.is_some()
+        self.attached.is_some() && !self.steering_failed
     }
 }
 
@@ -229,9 +266,10 @@ fn bind_address(addr: SocketAddr, slots: usize, layout: Layout) -> Result<BoundA
     Ok(BoundAddress {
         local: actual,
         layout,
+        group: (0..sockets.len()).collect(),
         sockets,
         steering: None,
-        ever_steered: false,
+        attached: None,
         steering_failed: false,
     })
 }

@@ -222,28 +222,50 @@ impl Steering {
         }
     }
 
-    /// Compiles the program that steers this way.
-    pub fn compile(&self) -> Program {
+    /// The same with `slot` taking nothing.
+    pub fn without(&self, slot: usize) -> Steering {
         match self {
             Steering::Ready(slots) => {
-                let mut slots: Vec<u32> = slots.iter().map(|&slot| slot as u32).collect();
-                slots.sort_unstable();
-                slots.dedup();
-                if slots.is_empty() {
+                Steering::Ready(slots.iter().copied().filter(|&s| s != slot).collect())
+            }
+            Steering::Sticky(keeps) => {
+                let mut keeps = keeps.clone();
+                if let Some(keep) = keeps.get_mut(slot) {
+                    *keep = false;
+                }
+                Steering::Sticky(keeps)
+            }
+        }
+    }
+
+    /// Compiles the program that steers this way, for a group whose sockets
+    /// serve `group[0]`, `group[1]`, ... (the slots in the kernel's order).
+    /// A slot with no socket in the group takes nothing.
+    pub fn compile(&self, group: &[usize]) -> Program {
+        let index = |slot: usize| group.iter().position(|&s| s == slot).map(|i| i as u32);
+        match self {
+            Steering::Ready(slots) => {
+                let mut indices: Vec<u32> = slots.iter().filter_map(|&slot| index(slot)).collect();
+                indices.sort_unstable();
+                indices.dedup();
+                if indices.is_empty() {
                     return Program(vec![stmt(op::RET | op::K, KERNEL_CHOOSES)]);
                 }
                 let mut code = connection_hash();
-                code.push(stmt(op::ALU | op::MOD | op::K, slots.len() as u32));
-                code.extend(lookup(&slots));
+                code.push(stmt(op::ALU | op::MOD | op::K, indices.len() as u32));
+                code.extend(lookup(&indices));
                 Program(code)
             }
             Steering::Sticky(keeps) => {
                 if keeps.is_empty() {
                     return Program(vec![stmt(op::RET | op::K, KERNEL_CHOOSES)]);
                 }
-                let table: Vec<u32> = sticky_table(keeps)
+                let present: Vec<bool> = (0..keeps.len())
+                    .map(|slot| keeps[slot] && index(slot).is_some())
+                    .collect();
+                let table: Vec<u32> = sticky_table(&present)
                     .into_iter()
-                    .map(|slot| slot as u32)
+                    .map(|slot| index(slot).unwrap_or(KERNEL_CHOOSES))
                     .collect();
                 let mut code = address_hash();
                 code.push(stmt(op::ALU | op::RSH | op::K, 32 - BUCKET_BITS));
@@ -392,7 +414,7 @@ fn probe() -> io::Result<()> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_port(true)?;
-    attach(&socket, &Steering::Sticky(vec![true; 2]).compile())
+    attach(&socket, &Steering::Sticky(vec![true; 2]).compile(&[0, 1]))
 }
 
 #[cfg(test)]
@@ -514,6 +536,26 @@ mod tests {
         })
     }
 
+    /// A group whose sockets are still in slot order.
+    fn in_order(slots: usize) -> Vec<usize> {
+        (0..slots).collect()
+    }
+
+    #[test]
+    fn programs_return_the_group_index_of_the_slot() {
+        // Slot 1's socket closed: the kernel moved slot 3's into its place.
+        let group = [0, 3, 2];
+        let keeps = vec![true; 4];
+        let table = sticky_table(&[true, false, true, true]);
+        let sticky = Steering::Sticky(keeps).compile(&group);
+        let ready = Steering::Ready(vec![1, 3]).compile(&group);
+        for client in v4_clients().take(500).chain(v6_clients().take(100)) {
+            let index = run(&sticky, &syn(client, 5000)) as usize;
+            assert_eq!(group[index], table[bucket_of(client)], "{client}");
+            assert_eq!(run(&ready, &syn(client, 5000)), 1);
+        }
+    }
+
     #[test]
     fn the_sticky_program_returns_the_tables_slot_for_every_client() {
         for keeps in [
@@ -522,7 +564,7 @@ mod tests {
             vec![false, true, true, true, true, false, true],
         ] {
             let table = sticky_table(&keeps);
-            let program = Steering::Sticky(keeps.clone()).compile();
+            let program = Steering::Sticky(keeps.clone()).compile(&in_order(keeps.len()));
             for client in v4_clients().chain(v6_clients()) {
                 let expected = table[bucket_of(client)];
                 assert!(keeps[expected]);
@@ -558,7 +600,7 @@ mod tests {
     #[test]
     fn the_ready_program_picks_only_ready_slots_and_all_of_them() {
         for ready in [vec![0], vec![1, 3], vec![0, 2, 3, 5, 6], vec![4, 1, 4]] {
-            let program = Steering::Ready(ready.clone()).compile();
+            let program = Steering::Ready(ready.clone()).compile(&in_order(8));
             let mut counts = std::collections::BTreeMap::<u32, usize>::new();
             let clients = v4_clients().take(500).chain(v6_clients().take(100));
             for (n, client) in clients.enumerate() {
@@ -579,7 +621,7 @@ mod tests {
 
     #[test]
     fn one_clients_connections_spread_over_the_ready_slots() {
-        let program = Steering::Ready(vec![0, 1]).compile();
+        let program = Steering::Ready(vec![0, 1]).compile(&in_order(2));
         let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let on_zero = (0..200u16)
             .filter(|n| run(&program, &syn(client, 40_000 + 2 * n)) == 0)
@@ -605,7 +647,10 @@ mod tests {
     fn with_nobody_ready_the_kernel_chooses() {
         for steering in [Steering::Ready(vec![]), Steering::Sticky(vec![])] {
             assert_eq!(
-                run(&steering.compile(), &syn(Ipv4Addr::LOCALHOST.into(), 1)),
+                run(
+                    &steering.compile(&in_order(3)),
+                    &syn(Ipv4Addr::LOCALHOST.into(), 1)
+                ),
                 KERNEL_CHOOSES
             );
         }
@@ -614,8 +659,8 @@ mod tests {
     #[test]
     fn programs_fit_the_kernels_limit() {
         for slots in [1, 2, 3, 8, 31, 64, 256] {
-            let sticky = Steering::Sticky(vec![true; slots]).compile();
-            let ready = Steering::Ready((0..slots).collect()).compile();
+            let sticky = Steering::Sticky(vec![true; slots]).compile(&in_order(slots));
+            let ready = Steering::Ready((0..slots).collect()).compile(&in_order(slots));
             assert!(
                 sticky.0.len() <= MAX_INSTRUCTIONS,
                 "{slots}: {}",
@@ -660,7 +705,7 @@ mod tests {
             let ours = socket.local_addr().unwrap().as_socket().unwrap();
             let deadline = Instant::now() + Duration::from_secs(2);
             loop {
-                for (slot, listener) in address.sockets().enumerate() {
+                for (slot, listener) in address.slot_sockets() {
                     if let Ok((accepted, peer)) = listener.accept() {
                         assert_eq!(peer.as_socket(), Some(ours), "an unexpected connection");
                         return (slot, accepted);
@@ -672,7 +717,7 @@ mod tests {
         }
 
         fn nothing_parked(address: &BoundAddress) {
-            for (slot, listener) in address.sockets().enumerate() {
+            for (slot, listener) in address.slot_sockets() {
                 let parked = listener.accept();
                 assert!(parked.is_err(), "slot {slot} has a connection parked");
             }
@@ -758,23 +803,50 @@ mod tests {
         }
 
         #[test]
-        fn a_steered_group_keeps_its_sockets_and_grows_in_slot_order() {
+        fn a_steered_group_follows_the_kernels_renumbering() {
+            let mut address = group("127.0.0.1", 4);
+            let keeps = vec![true; 4];
+            assert!(address.steer(&Steering::Sticky(keeps.clone())));
+            // Slot 1 is given up: the kernel moves slot 3's socket into its
+            // place in the group, and the program must follow.
+            address.close_slot(1);
+            assert!(address.socket_for_slot(1).is_none());
+            let table = sticky_table(&[true, false, true, true]);
+            let mut used = [false; 4];
+            for k in 0..60 {
+                let client = loopback(k * 3);
+                let expected = table[bucket_of(client)];
+                assert_eq!(connect_from(&address, client).0, expected, "{client}");
+                used[expected] = true;
+            }
+            assert_eq!(used, [true, false, true, true]);
+            // Tried again (a reload): it rejoins at the end and gets its
+            // clients back.
+            address.reopen_slot(1).unwrap();
+            let socket = address.socket_for_slot(1).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let table = sticky_table(&keeps);
+            for k in 0..60 {
+                let client = loopback(k * 3);
+                assert_eq!(connect_from(&address, client).0, table[bucket_of(client)]);
+            }
+            nothing_parked(&address);
+        }
+
+        #[test]
+        fn a_steered_group_grows_for_new_slots() {
             let mut address = group("127.0.0.1", 2);
             assert!(address.steer(&Steering::Ready(vec![0, 1])));
-            // Closing would renumber the group under the program.
-            address.close_slot(0);
-            assert!(address.socket_for_slot(0).is_some());
-            // Scaling up: slot 2's socket joins as the group's third.
-            address.reopen_slot(2).unwrap();
-            address
-                .socket_for_slot(2)
-                .unwrap()
-                .set_nonblocking(true)
-                .unwrap();
-            assert!(address.steer(&Steering::Ready(vec![2])));
-            for k in 0..10 {
-                assert_eq!(connect_from(&address, loopback(k)).0, 2);
+            address.reopen_slot(3).unwrap();
+            for slot in 2..4 {
+                let socket = address.socket_for_slot(slot).unwrap();
+                socket.set_nonblocking(true).unwrap();
             }
+            assert!(address.steer(&Steering::Ready(vec![3])));
+            for k in 0..10 {
+                assert_eq!(connect_from(&address, loopback(k)).0, 3);
+            }
+            nothing_parked(&address);
         }
     }
 }
