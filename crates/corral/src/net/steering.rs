@@ -46,6 +46,20 @@ pub(crate) enum Steering {
     Sticky(Vec<bool>),
 }
 
+/// What a slot does with new connections, as the supervisor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotTraffic {
+    /// A worker is ready and accepting (during a reload, the old one or the
+    /// new one: there is always one).
+    Serving,
+    /// No worker accepts now but one is starting at once to take over (an
+    /// immediate restart after an exit, the first start): sticky clients
+    /// wait a few milliseconds in its queue rather than move.
+    TakingOver,
+    /// Backing off, given up, scaled down or retired: no worker soon.
+    Away,
+}
+
 /// One classic BPF instruction (`struct sock_filter`), kept portable so the
 /// compiler and its tests build everywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,19 +218,22 @@ pub(crate) fn sticky_table(keeps: &[bool]) -> Vec<usize> {
 }
 
 impl Steering {
-    /// The steering for a mode, from which slots take new connections now:
-    /// `takes[slot]` is true for a slot with a ready worker or one taking
-    /// over right now (a reload, an immediate restart), false for one that
-    /// backs off, is given up or is scaled down. Sticky keeps clients on
-    /// their slots; every other mode steers to the ready set.
-    pub fn for_balance(balance: crate::cluster::Balance, takes: &[bool]) -> Steering {
+    /// The steering for a mode from what each slot is doing now.
+    /// Sticky keeps clients on slots that serve or take over at once; every
+    /// other mode steers to the slots that serve.
+    pub fn for_slots(balance: crate::cluster::Balance, slots: &[SlotTraffic]) -> Steering {
         match balance {
-            crate::cluster::Balance::Sticky => Steering::Sticky(takes.to_vec()),
+            crate::cluster::Balance::Sticky => Steering::Sticky(
+                slots
+                    .iter()
+                    .map(|slot| matches!(slot, SlotTraffic::Serving | SlotTraffic::TakingOver))
+                    .collect(),
+            ),
             _ => Steering::Ready(
-                takes
+                slots
                     .iter()
                     .enumerate()
-                    .filter_map(|(slot, &takes)| takes.then_some(slot))
+                    .filter_map(|(index, slot)| (*slot == SlotTraffic::Serving).then_some(index))
                     .collect(),
             ),
         }
@@ -632,14 +649,15 @@ mod tests {
     #[test]
     fn the_mode_picks_the_program() {
         use crate::cluster::Balance;
-        let takes = [true, false, true];
+        use SlotTraffic::*;
+        let slots = [Serving, TakingOver, Away, Serving];
         assert_eq!(
-            Steering::for_balance(Balance::ReusePort, &takes),
-            Steering::Ready(vec![0, 2])
+            Steering::for_slots(Balance::ReusePort, &slots),
+            Steering::Ready(vec![0, 3])
         );
         assert_eq!(
-            Steering::for_balance(Balance::Sticky, &takes),
-            Steering::Sticky(takes.to_vec())
+            Steering::for_slots(Balance::Sticky, &slots),
+            Steering::Sticky(vec![true, true, false, true])
         );
     }
 
