@@ -75,14 +75,18 @@ pub enum Balance {
     /// the fewest open connections.
     #[cfg_attr(feature = "clap", value(name = "least-conn"))]
     LeastConnections,
-    /// The primary accepts and hands each connection to the slot its client
-    /// address hashes to, so a client keeps its worker across connections and
-    /// across that worker's restarts (WebSocket and session affinity).
+    /// Each connection goes to the slot its client address hashes to, so a
+    /// client keeps its worker across connections and across that worker's
+    /// restarts (WebSocket and session affinity). The kernel steers it to the
+    /// slot's own socket; with `--proxy-protocol` (the client address is in
+    /// the payload) the primary accepts and hands it over.
     Sticky,
 }
 
 impl Balance {
-    /// True for the modes where the primary accepts and passes connections.
+    /// True for the modes where the primary may accept and pass
+    /// connections (sticky does with `--proxy-protocol`, or where the kernel
+    /// cannot steer).
     ///
     /// ```
     /// assert!(corral::Balance::Sticky.passes_connections());
