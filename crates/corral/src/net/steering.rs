@@ -1,7 +1,8 @@
 //! Kernel steering of a `SO_REUSEPORT` group: a classic-BPF program attached
 //! to the group (`SO_ATTACH_REUSEPORT_CBPF`) returns, for each new connection,
 //! the index of the socket that gets it. The primary binds one socket per slot
-//! in slot order and never closes one, so a socket's index is its slot.
+//! in slot order, so a socket's index is its slot until one closes; programs
+//! are compiled for the group's actual order (see `BoundAddress`).
 //!
 //! Two programs:
 //! - [`Steering::Ready`]: only the listed slots receive new connections, so a
@@ -30,12 +31,12 @@ pub(crate) const BUCKETS: usize = 1 << BUCKET_BITS;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Steering {
     /// New connections go only to these slots, spread by a hash of the
-    /// client's address and port. List every slot with a ready worker, and
-    /// every slot whose worker is being replaced right now (a reload, an
-    /// immediate restart): its queue waits a few milliseconds for the
-    /// replacement. Leave out slots that back off, are given up or scaled
-    /// down. Empty: nobody can take connections yet, so the kernel spreads
-    /// them by its own hash and they wait in the queues.
+    /// client's address and port: the slots with a worker that accepts
+    /// (during a reload there always is one, old or new). A slot without one
+    /// (restarting, backing off, given up, scaled down) parks nothing new;
+    /// what was already queued on it waits for its replacement. Empty:
+    /// nobody accepts yet, so the kernel spreads connections by its own hash
+    /// and they wait in the queues.
     Ready(Vec<usize>),
     /// Sticky by client address. `keeps[slot]` is true while the slot keeps
     /// its clients: it has a ready worker, or one being replaced right now (a
