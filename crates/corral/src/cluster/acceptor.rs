@@ -73,26 +73,283 @@ fn route(
     Balancer::lock(balancer).route(connection);
 }
 
-/// Sends one worker its connections; if the worker is gone, gives them back
-/// to the balancer so they reach another worker (or wait for the slot's
-/// replacement) instead of being lost.
+/// Sends one worker its connections and keeps each until the worker
+/// acknowledges it. When the worker is gone (its end of the pair closed, or
+/// a send failed), every connection it never acknowledged, and every one
+/// still waiting here, goes back to the balancer: to another worker, or (for
+/// sticky) to the slot's replacement. Ends once the balancer stops sending
+/// to this worker and the worker has acknowledged everything, or is gone.
 pub(crate) async fn dispatch(
     slot: usize,
     generation: u64,
-    sender: ConnectionSender,
+    mut sender: ConnectionSender,
     mut connections: mpsc::UnboundedReceiver<PassedConnection>,
     balancer: Arc<Mutex<Balancer>>,
 ) {
-    while let Some(connection) = connections.recv().await {
-        if let Err((err, connection)) = sender.send(connection).await {
-            tracing::debug!("slot {slot}: cannot pass a connection ({err}); rerouting");
-            connections.close();
-            let mut balancer = Balancer::lock(&balancer);
-            balancer.requeue(slot, generation, connection);
-            while let Ok(connection) = connections.try_recv() {
-                balancer.requeue(slot, generation, connection);
-            }
-            return;
+    let mut open = true;
+    let mut refused = None;
+    'dispatching: loop {
+        tokio::select! {
+            // Acknowledgements first: they free descriptors.
+            biased;
+            acknowledged = sender.acknowledged() => match acknowledged {
+                Ok(true) if !open && sender.unacknowledged() == 0 => return,
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(err) => {
+                    tracing::debug!("slot {slot}: cannot read acknowledgements ({err}); rerouting");
+                    break;
+                }
+            },
+            next = connections.recv(), if open => match next {
+                Some(mut connection) => loop {
+                    match sender.send(connection).await {
+                        Ok(()) => break,
+                        Err((err, back)) if worker_gone(&err) => {
+                            tracing::debug!("slot {slot}: cannot pass a connection ({err}); rerouting");
+                            refused = Some(back);
+                            // Its last acknowledgements may still be queued
+                            // here: read them all, up to the end, so nothing
+                            // it took is passed twice.
+                            while let Ok(true) = sender.acknowledged().await {}
+                            break 'dispatching;
+                        }
+                        Err((err, back)) => {
+                            // The worker is still there (too many descriptors
+                            // in flight, no memory): try again shortly.
+                            tracing::debug!("slot {slot}: cannot pass a connection yet ({err})");
+                            connection = back;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                },
+                None => {
+                    open = false;
+                    if let Err(err) = sender.finish() {
+                        tracing::debug!("slot {slot}: cannot end the connection stream: {err}");
+                    }
+                    if sender.unacknowledged() == 0 {
+                        return;
+                    }
+                }
+            },
         }
+    }
+    connections.close();
+    let unacknowledged = sender.into_unacknowledged();
+    if !unacknowledged.is_empty() || refused.is_some() {
+        tracing::info!(
+            "slot {slot}: passing on {} connections the worker never took",
+            unacknowledged.len() + usize::from(refused.is_some())
+        );
+    }
+    let mut balancer = Balancer::lock(&balancer);
+    for connection in unacknowledged.into_iter().chain(refused) {
+        balancer.requeue(slot, generation, connection);
+    }
+    while let Ok(connection) = connections.try_recv() {
+        balancer.requeue(slot, generation, connection);
+    }
+}
+
+/// True for the errors that mean the worker's end of the pair is closed.
+fn worker_gone(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::NotConnected
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::Balance;
+    use crate::net::fd_passing::{pair, ConnectionReceiver};
+    use std::io::{Read, Write};
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    struct Client {
+        stream: std::net::TcpStream,
+        header: PassedHeader,
+    }
+
+    fn connect(listener: &std::net::TcpListener) -> (Client, PassedConnection) {
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        let header = PassedHeader {
+            listener: 0,
+            client: peer,
+        };
+        (
+            Client { stream, header },
+            PassedConnection {
+                stream: accepted,
+                header,
+            },
+        )
+    }
+
+    /// What a worker killed with connections queued leaves: descriptors it
+    /// took off its end without acknowledging, then its end closed.
+    fn die_holding(worker: OwnedFd, take: usize) {
+        let mut taken = Vec::new();
+        for _ in 0..take {
+            let mut buffer = [0u8; 64];
+            let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+            let message = nix::sys::socket::recvmsg::<()>(
+                worker.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                nix::sys::socket::MsgFlags::empty(),
+            )
+            .unwrap();
+            assert!(message.bytes > 0);
+            for control in message.cmsgs().unwrap() {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = control {
+                    // SAFETY: just received; nothing else owns them.
+                    taken.extend(
+                        fds.into_iter().map(|fd| unsafe {
+                            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                        }),
+                    );
+                }
+            }
+        }
+        assert_eq!(taken.len(), take);
+        drop(worker);
+    }
+
+    async fn next(
+        connections: &mut mpsc::UnboundedReceiver<PassedConnection>,
+    ) -> Option<PassedConnection> {
+        tokio::time::timeout(Duration::from_secs(5), connections.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    fn still_open(client: &mut Client, connection: &mut PassedConnection) {
+        assert_eq!(connection.header, client.header);
+        connection.stream.set_nonblocking(false).unwrap();
+        client.stream.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        connection.stream.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    /// Slot 0's worker takes two connections properly, then dies with three
+    /// more passed but never acknowledged: those three, and only those,
+    /// reach the other worker, still open.
+    #[tokio::test]
+    async fn a_dying_workers_unacknowledged_connections_go_to_another_worker() {
+        let balancer = Arc::new(Mutex::new(Balancer::new(Balance::RoundRobin, 2)));
+        let (other_tx, mut other) = mpsc::unbounded_channel();
+        Balancer::lock(&balancer).worker_ready(1, 0, other_tx);
+
+        let (primary, worker) = pair().unwrap();
+        let (to_slot_0, slot_0) = mpsc::unbounded_channel();
+        let sender = ConnectionSender::new(primary).unwrap();
+        let dispatcher = tokio::spawn(dispatch(0, 0, sender, slot_0, balancer.clone()));
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            let (client, connection) = connect(&listener);
+            clients.push(client);
+            to_slot_0.send(connection).unwrap();
+        }
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let mut kept = Vec::new();
+        while kept.len() < 2 {
+            kept.extend(receiver.recv_batch(2 - kept.len()).await.unwrap());
+        }
+        // Let the acknowledgement land before the rest arrive unacknowledged.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let worker = receiver.into_socket();
+        die_holding(worker, 1);
+
+        for client in clients.iter_mut().skip(2) {
+            let mut connection = next(&mut other).await.expect("a connection came back");
+            still_open(client, &mut connection);
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), other.recv())
+                .await
+                .is_err(),
+            "an acknowledged connection was passed twice"
+        );
+        dispatcher.await.unwrap();
+        assert_eq!(kept.len(), 2);
+    }
+
+    /// In sticky mode the connections a dying worker never took wait for the
+    /// slot's replacement, and the replacement gets them all.
+    #[tokio::test]
+    async fn sticky_connections_wait_for_the_slots_replacement() {
+        let balancer = Arc::new(Mutex::new(Balancer::new(Balance::Sticky, 2)));
+        let (primary, worker) = pair().unwrap();
+        let (to_slot_0, slot_0) = mpsc::unbounded_channel();
+        Balancer::lock(&balancer).worker_ready(0, 0, to_slot_0.clone());
+        let sender = ConnectionSender::new(primary).unwrap();
+        let dispatcher = tokio::spawn(dispatch(0, 0, sender, slot_0, balancer.clone()));
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let (client, connection) = connect(&listener);
+            clients.push(client);
+            to_slot_0.send(connection).unwrap();
+        }
+        drop(to_slot_0);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        die_holding(worker, 2);
+        dispatcher.await.unwrap();
+
+        let (replacement_tx, mut replacement) = mpsc::unbounded_channel();
+        Balancer::lock(&balancer).worker_ready(0, 1, replacement_tx);
+        for client in &mut clients {
+            let mut connection = next(&mut replacement).await.expect("a connection waited");
+            still_open(client, &mut connection);
+        }
+    }
+
+    /// A worker that drains normally acknowledges what it took and the
+    /// dispatcher ends without passing anything twice.
+    #[tokio::test]
+    async fn a_drained_worker_keeps_what_it_acknowledged() {
+        let balancer = Arc::new(Mutex::new(Balancer::new(Balance::RoundRobin, 2)));
+        let (other_tx, mut other) = mpsc::unbounded_channel();
+        Balancer::lock(&balancer).worker_ready(1, 0, other_tx);
+        let (primary, worker) = pair().unwrap();
+        let (to_slot_0, slot_0) = mpsc::unbounded_channel();
+        let sender = ConnectionSender::new(primary).unwrap();
+        let dispatcher = tokio::spawn(dispatch(0, 0, sender, slot_0, balancer.clone()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let (client, connection) = connect(&listener);
+            clients.push(client);
+            to_slot_0.send(connection).unwrap();
+        }
+        drop(to_slot_0);
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let mut taken = Vec::new();
+        loop {
+            let batch = receiver.recv_batch(64).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            taken.extend(batch);
+        }
+        assert_eq!(taken.len(), 3);
+        tokio::time::timeout(Duration::from_secs(5), dispatcher)
+            .await
+            .expect("the dispatcher ends once everything is acknowledged")
+            .unwrap();
+        drop(receiver);
+        assert!(other.try_recv().is_err());
     }
 }

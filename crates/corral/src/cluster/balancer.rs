@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::config::Balance;
 use crate::net::fd_passing::PassedConnection;
+use crate::net::steering;
 
 /// Connections held for one slot at most; past that new ones are closed
 /// rather than letting a dead slot eat memory.
@@ -257,34 +258,15 @@ pub(crate) fn sticky_slot(client: IpAddr, slots: usize) -> usize {
 /// The same, among the slots `available` accepts (a slot given up on hands
 /// only its own clients to their second choice). With none available, the
 /// first choice.
+///
+/// A client goes through its bucket ([`steering::bucket_of`]), so this is
+/// exactly the slot the kernel-steered sticky mode picks for it.
 pub(crate) fn sticky_slot_among(
     client: IpAddr,
     slots: usize,
     available: impl Fn(usize) -> bool,
 ) -> usize {
-    let key = match client {
-        IpAddr::V4(ip) => u128::from(ip.to_ipv6_mapped()),
-        IpAddr::V6(ip) => u128::from(ip.to_ipv4_mapped().map_or(ip, |v4| v4.to_ipv6_mapped())),
-    };
-    let best = |filter: &dyn Fn(usize) -> bool| {
-        (0..slots)
-            .filter(|&slot| filter(slot))
-            .max_by_key(|&slot| score(key, slot as u64))
-    };
-    best(&available).or_else(|| best(&|_| true)).unwrap_or(0)
-}
-
-/// A fixed, well-mixed 64-bit hash (splitmix64 finaliser) so every primary,
-/// on every build, maps a client the same way.
-fn score(key: u128, slot: u64) -> u64 {
-    let mut x = (key as u64)
-        ^ ((key >> 64) as u64).rotate_left(29)
-        ^ slot.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
+    steering::bucket_slot_among(steering::bucket_of(client), slots, available)
 }
 
 #[cfg(test)]
@@ -333,6 +315,15 @@ mod tests {
             } else {
                 assert_eq!(without_2, first);
             }
+        }
+    }
+
+    #[test]
+    fn sticky_passing_agrees_with_the_kernel_steered_table() {
+        let table = steering::sticky_table(&[true, true, false, true, true]);
+        for client in clients() {
+            let passed = sticky_slot_among(client, 5, |slot| slot != 2);
+            assert_eq!(passed, table[steering::bucket_of(client)]);
         }
     }
 

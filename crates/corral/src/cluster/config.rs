@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::net::bind::Layout;
+
 /// How many worker processes to run.
 ///
 /// ```
@@ -73,14 +75,18 @@ pub enum Balance {
     /// the fewest open connections.
     #[cfg_attr(feature = "clap", value(name = "least-conn"))]
     LeastConnections,
-    /// The primary accepts and hands each connection to the slot its client
-    /// address hashes to, so a client keeps its worker across connections and
-    /// across that worker's restarts (WebSocket and session affinity).
+    /// Each connection goes to the slot its client address hashes to, so a
+    /// client keeps its worker across connections and across that worker's
+    /// restarts (WebSocket and session affinity). The kernel steers it to the
+    /// slot's own socket; with `--proxy-protocol` (the client address is in
+    /// the payload) the primary accepts and hands it over.
     Sticky,
 }
 
 impl Balance {
-    /// True for the modes where the primary accepts and passes connections.
+    /// True for the modes where the primary may accept and pass
+    /// connections (sticky does with `--proxy-protocol`, or where the kernel
+    /// cannot steer).
     ///
     /// ```
     /// assert!(corral::Balance::Sticky.passes_connections());
@@ -198,9 +204,56 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// True where the primary accepts every connection and passes it to a
+    /// worker: round-robin, least-conn, and sticky when the client address
+    /// is in the payload (`--proxy-protocol`) or the kernel cannot steer.
+    pub fn primary_accepts(&self) -> bool {
+        match self.balance {
+            Balance::RoundRobin | Balance::LeastConnections => true,
+            Balance::Sticky => self.proxy_protocol || !crate::net::steering::supported(),
+            Balance::ReusePort | Balance::Shared => false,
+        }
+    }
+
+    /// How each address's sockets are bound: one per slot in a
+    /// `SO_REUSEPORT` group the kernel spreads (and, where it can, the
+    /// primary steers) for reuseport and for sticky whenever the primary
+    /// does not accept; one socket otherwise.
+    pub fn layout(&self) -> Layout {
+        match self.balance {
+            Balance::ReusePort => Layout::PerSlot,
+            Balance::Sticky if !self.primary_accepts() => Layout::PerSlot,
+            _ => Layout::Single,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sticky_is_kernel_steered_unless_the_client_is_in_the_payload() {
+        let config = |balance, proxy_protocol| Config {
+            balance,
+            proxy_protocol,
+            ..Config::default()
+        };
+        let steers = crate::net::steering::supported();
+        assert_eq!(config(Balance::Sticky, false).primary_accepts(), !steers);
+        let per_slot = |config: Config| config.layout() == Layout::PerSlot;
+        assert_eq!(per_slot(config(Balance::Sticky, false)), steers);
+        assert!(config(Balance::Sticky, true).primary_accepts());
+        assert!(!per_slot(config(Balance::Sticky, true)));
+        for balance in [Balance::RoundRobin, Balance::LeastConnections] {
+            assert!(config(balance, false).primary_accepts());
+            assert!(!per_slot(config(balance, false)));
+        }
+        assert!(per_slot(config(Balance::ReusePort, true)));
+        assert!(!config(Balance::ReusePort, false).primary_accepts());
+        assert!(!per_slot(config(Balance::Shared, false)));
+    }
 
     #[test]
     fn worker_count_parsing_rejects_zero_and_words() {

@@ -34,8 +34,9 @@ use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
 use crate::metrics::status::{
     ClusterStatus, ReloadStatus, SlotStatus, WorkerStatus, WorkerSummary,
 };
-use crate::net::bind::{bind_all, bind_error, resolve, BoundAddress};
+use crate::net::bind::{bind_all, bind_error, resolve, steer_all, BoundAddress};
 use crate::net::fd_passing::{ConnectionSender, PassedConnection};
+use crate::net::steering::{SlotTraffic, Steering};
 
 /// The longest the loop sleeps: status figures (CPU %, req/s) refresh at least this often.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -52,14 +53,14 @@ pub(crate) fn run(config: Config) -> Result<()> {
     if config.logging {
         crate::logging::init(format!("[primary pid {}]", std::process::id()));
     }
-    if config.external.is_some() && config.balance.passes_connections() {
+    if config.external.is_some() && config.primary_accepts() {
         return Err(Error::Config(format!(
             "--balance {} needs corral workers, which take connections from the primary; a program run by `corral run` accepts from its own sockets, so use --balance reuseport or shared",
             config.balance
         )));
     }
     let slots = config.workers.count();
-    let bound = bind_all(&config.listen, slots, config.balance)?;
+    let bound = bind_all(&config.listen, slots, config.layout())?;
     let admin = match &config.admin {
         Some(text) => {
             let addr = resolve(text)?;
@@ -234,8 +235,7 @@ impl Executor {
     ) -> Self {
         let (inputs_tx, inputs) = mpsc::channel(INPUT_QUEUE);
         let balancer = config
-            .balance
-            .passes_connections()
+            .primary_accepts()
             .then(|| Arc::new(Mutex::new(Balancer::new(config.balance, slots))));
         let name = program_path
             .file_name()
@@ -416,7 +416,7 @@ impl Executor {
             Vec::new()
         } else {
             for address in &mut self.bound {
-                address.ensure_slot(slot).map_err(std::io::Error::other)?;
+                // Grows the group for a slot added at run time.
                 address.reopen_slot(slot).map_err(std::io::Error::other)?;
             }
             self.bound
@@ -626,11 +626,16 @@ impl Executor {
             for slot in routes.len()..old.len() {
                 balancer.slot_given_up(slot);
             }
-        } else {
+        } else if !self.steer(&routes) {
             // Without steering, a slot nobody will serve for a while must not
             // collect its share of new connections: close its socket (it
-            // rejoins the group when the slot is tried again).
+            // rejoins the group when the slot is tried again), unless no
+            // slot serves at all, when queueing for the retry is better.
+            let any_serving = routes.iter().any(|route| *route != Route::Away);
             for (slot, state) in self.state.slots.iter().enumerate() {
+                if !any_serving {
+                    break;
+                }
                 if matches!(state.plan, Plan::GivenUp { .. }) {
                     for address in &mut self.bound {
                         address.close_slot(slot);
@@ -658,6 +663,23 @@ impl Executor {
                 humantime::format_duration(limit)
             );
         }
+    }
+
+    /// Points the kernel's choice of socket at the slots the routes allow
+    /// (classic BPF on the reuseport group); false where it cannot steer.
+    fn steer(&mut self, routes: &[Route]) -> bool {
+        let traffic: Vec<SlotTraffic> = routes
+            .iter()
+            .map(|route| match route {
+                Route::Serve(_) => SlotTraffic::Serving,
+                Route::Hold => SlotTraffic::TakingOver,
+                Route::Away => SlotTraffic::Away,
+            })
+            .collect();
+        steer_all(
+            &mut self.bound,
+            &Steering::for_slots(self.config.balance, &traffic),
+        )
     }
 
     /// CPU and memory from /proc for every worker (external programs send

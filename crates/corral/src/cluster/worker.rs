@@ -500,24 +500,32 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
     }
 }
 
-/// Moves connections the primary passes into the listener's queue.
+/// Moves connections the primary passes into the listener's queue. Each
+/// batch is acknowledged as it is received, before any is served, so the
+/// primary can let go of its copies.
 async fn receive_connections(
-    receiver: ConnectionReceiver,
+    mut receiver: ConnectionReceiver,
     queue: mpsc::UnboundedSender<PassedConnection>,
     shared: Arc<Shared>,
 ) {
+    /// Connections taken (and acknowledged) per wake-up under load.
+    const BATCH: usize = 64;
     let mut backoff = INTAKE_BACKOFF_FIRST;
-    loop {
-        match receiver.recv().await {
-            Ok(Some(connection)) => {
+    'receiving: loop {
+        match receiver.recv_batch(BATCH).await {
+            Ok(batch) if batch.is_empty() => break,
+            Ok(batch) => {
                 shared.intake_blocked(false);
                 backoff = INTAKE_BACKOFF_FIRST;
-                shared.passed_pending.fetch_add(1, Ordering::SeqCst);
-                if queue.send(connection).is_err() {
-                    break;
+                shared
+                    .passed_pending
+                    .fetch_add(batch.len(), Ordering::SeqCst);
+                for connection in batch {
+                    if queue.send(connection).is_err() {
+                        break 'receiving;
+                    }
                 }
             }
-            Ok(None) => break,
             Err(err) => {
                 // Out of descriptors or buffers (a spike of connections):
                 // the message stays queued in the kernel; try again shortly,

@@ -8,19 +8,51 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::cluster::Balance;
 use crate::error::{Error, Result};
+use crate::net::steering::{self, Program, Steering};
 
 const BACKLOG: i32 = 1024;
+
+/// How an address's sockets are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// One `SO_REUSEPORT` socket per slot, bound in slot order so that each
+    /// socket's index in the group is its slot (reuseport, kernel-steered sticky).
+    PerSlot,
+    /// One socket, accepted from by every worker (shared) or by the primary alone.
+    Single,
+}
+
+impl From<Balance> for Layout {
+    /// By mode alone: per slot for reuseport only. `Config::layout` also puts
+    /// kernel-steered sticky on per-slot sockets.
+    fn from(balance: Balance) -> Self {
+        match balance {
+            Balance::ReusePort => Layout::PerSlot,
+            _ => Layout::Single,
+        }
+    }
+}
 
 /// One `--listen` address and the sockets that serve it.
 #[derive(Debug)]
 pub(crate) struct BoundAddress {
     /// The real address, with the actual port when port 0 was asked for.
     pub local: SocketAddr,
-    /// One socket per slot in `ReusePort` mode, a single shared one otherwise;
-    /// `None` for a slot given up on.
+    layout: Layout,
+    /// One socket per slot in the `PerSlot` layout, a single shared one
+    /// otherwise; `None` for a slot whose socket was closed.
     sockets: Vec<Option<Socket>>,
-    /// One socket per slot (`SO_REUSEPORT` group) rather than one shared.
-    per_slot: bool,
+    /// The slot of each socket of the group, in the kernel's order: a
+    /// steering program returns an index into this. It is the slot order
+    /// until a socket closes, when the kernel moves its group's last socket
+    /// into the gap; new sockets join at the end.
+    group: Vec<usize>,
+    /// What the supervisor asked for last, in slots.
+    steering: Option<Steering>,
+    /// The program attached now.
+    attached: Option<Program>,
+    /// Set once attaching failed: logged once, not retried.
+    steering_failed: bool,
 }
 
 impl BoundAddress {
@@ -29,43 +61,152 @@ impl BoundAddress {
         self.sockets[slot % self.sockets.len()].as_ref()
     }
 
-    /// Makes sure a slot added at run time has its socket: in a
-    /// `SO_REUSEPORT` group, a new member joins at the next index.
-    pub fn ensure_slot(&mut self, slot: usize) -> Result<()> {
-        while self.per_slot && self.sockets.len() <= slot {
+    /// Every open socket of this address: what the primary accepts from when
+    /// it accepts.
+    pub fn sockets(&self) -> impl Iterator<Item = &Socket> {
+        self.sockets.iter().flatten()
+    }
+
+    /// Each open socket with its slot (per-slot layout; slot 0 otherwise).
+    #[cfg(test)]
+    pub fn slot_sockets(&self) -> impl Iterator<Item = (usize, &Socket)> {
+        self.sockets
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, socket)| socket.as_ref().map(|socket| (slot, socket)))
+    }
+
+    /// Closes a slot's own socket (per-slot layout) so the kernel stops
+    /// queueing that slot's share of new connections where no worker will
+    /// ever accept them (a slot given up on, or scaled down); the other
+    /// slots' sockets take it over. Connections still queued on it are reset
+    /// (or, with `net.ipv4.tcp_migrate_req`, moved to another socket).
+    ///
+    /// A steered group is re-steered around the gap: first away from the
+    /// slot, then, once the kernel has renumbered the group, by the new order.
+    pub fn close_slot(&mut self, slot: usize) {
+        if self.layout != Layout::PerSlot || self.sockets.len() <= 1 || self.sockets[slot].is_none()
+        {
+            return;
+        }
+        let requested = self.steering.clone();
+        if let Some(steering) = &requested {
+            self.apply(&steering.without(slot));
+        }
+        self.sockets[slot] = None;
+        if let Some(index) = self.group.iter().position(|&s| s == slot) {
+            // The kernel's own rule (reuseport_detach_sock).
+            self.group.swap_remove(index);
+        }
+        if let Some(steering) = &requested {
+            self.apply(steering);
+        }
+    }
+
+    /// Binds a closed slot's socket again, joining the `SO_REUSEPORT` group;
+    /// for a slot past the last one (scaling up), binds sockets up to it. A
+    /// steered group is re-steered to include it.
+    pub fn reopen_slot(&mut self, slot: usize) -> Result<()> {
+        if self.layout != Layout::PerSlot {
+            return Ok(());
+        }
+        if self.group.is_empty() {
+            // The group went with its last socket; a new one has no program.
+            self.attached = None;
+        }
+        while self.sockets.len() <= slot {
             let socket =
                 listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
+            self.group.push(self.sockets.len());
             self.sockets.push(Some(socket));
         }
-        Ok(())
-    }
-
-    /// Closes a slot's own socket (`ReusePort` mode) so the kernel stops
-    /// queueing that slot's share of new connections where no worker will
-    /// ever accept them; the other slots' sockets take it over.
-    pub fn close_slot(&mut self, slot: usize) {
-        if self.per_slot && slot < self.sockets.len() {
-            self.sockets[slot] = None;
-        }
-    }
-
-    /// Binds a closed slot's socket again, joining the `SO_REUSEPORT` group.
-    pub fn reopen_slot(&mut self, slot: usize) -> Result<()> {
-        if self.per_slot && self.sockets[slot].is_none() {
+        if self.sockets[slot].is_none() {
             let socket =
                 listening_socket(self.local, true).map_err(|err| bind_error(self.local, err))?;
             self.sockets[slot] = Some(socket);
+            self.group.push(slot);
+        }
+        if let Some(steering) = self.steering.clone() {
+            self.apply(&steering);
         }
         Ok(())
     }
+
+    /// Steers the group's new connections (per-slot layout, Linux): attaches
+    /// the program for `steering`, replacing the previous one atomically, or
+    /// keeps it when nothing changed. Slots without a socket are left out.
+    /// Returns whether steering is on; when attaching fails it says so once
+    /// in the log and stays off, and the kernel spreads connections by its
+    /// own hash.
+    pub fn steer(&mut self, steering: &Steering) -> bool {
+        if self.layout != Layout::PerSlot || self.steering_failed {
+            return false;
+        }
+        if self.steering.as_ref() != Some(steering) {
+            self.steering = Some(steering.clone());
+            self.apply(steering);
+        }
+        !self.steering_failed
+    }
+
+    /// Attaches the program for `steering` in the group's current order,
+    /// unless it is attached already.
+    fn apply(&mut self, steering: &Steering) {
+        if self.steering_failed {
+            return;
+        }
+        let program = steering.compile(&self.group);
+        if self.attached.as_ref() == Some(&program) {
+            return;
+        }
+        let result = if !steering::supported() {
+            // `supported` has logged why.
+            Err(None)
+        } else {
+            match self.sockets().next() {
+                Some(socket) => steering::attach(socket, &program).map_err(Some),
+                None => return,
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!(
+                    "{}: steering new connections: {steering:?} over group {:?}",
+                    self.local,
+                    self.group
+                );
+                self.attached = Some(program);
+            }
+            Err(err) => {
+                if let Some(err) = err {
+                    tracing::warn!(
+                        "{}: cannot steer new connections to ready workers ({err}); the kernel spreads them over every slot instead",
+                        self.local
+                    );
+                }
+                self.steering_failed = true;
+                self.steering = None;
+            }
+        }
+    }
 }
 
-/// Binds every address for `slots` workers in the given balancing mode.
+/// Steers every address's group the same way (see [`BoundAddress::steer`]);
+/// true when all of them are steered.
+pub(crate) fn steer_all(bound: &mut [BoundAddress], steering: &Steering) -> bool {
+    // Every address, even after one fails: each must get the new program.
+    let steered: Vec<bool> = bound.iter_mut().map(|a| a.steer(steering)).collect();
+    steered.into_iter().all(|steered| steered)
+}
+
+/// Binds every address for `slots` workers, in the layout given (a
+/// [`Layout`], or a [`Balance`] for the mode's default layout).
 pub(crate) fn bind_all(
     addresses: &[String],
     slots: usize,
-    balance: Balance,
+    layout: impl Into<Layout>,
 ) -> Result<Vec<BoundAddress>> {
+    let layout = layout.into();
     if addresses.is_empty() {
         return Err(Error::NoListenAddress);
     }
@@ -73,7 +214,7 @@ pub(crate) fn bind_all(
         .iter()
         .map(|text| {
             let addr = resolve(text)?;
-            bind_address(addr, slots, balance)
+            bind_address(addr, slots, layout)
         })
         .collect()
 }
@@ -97,7 +238,7 @@ pub(crate) fn resolve(text: &str) -> Result<SocketAddr> {
         .ok_or_else(|| invalid("the host name has no address".to_owned()))
 }
 
-fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<BoundAddress> {
+fn bind_address(addr: SocketAddr, slots: usize, layout: Layout) -> Result<BoundAddress> {
     // With SO_REUSEPORT the kernel would let us join another process's group on
     // the same port and silently split its traffic. A probe bound without it
     // fails with EADDRINUSE if anyone listens there, and resolves port 0.
@@ -108,17 +249,24 @@ fn bind_address(addr: SocketAddr, slots: usize, balance: Balance) -> Result<Boun
     let actual = local_addr(&probe).map_err(|err| bind_error(addr, err))?;
     drop(probe);
 
-    let per_slot = balance == Balance::ReusePort;
-    let count = if per_slot { slots } else { 1 };
-    let reuse_port = per_slot;
+    let (count, reuse_port) = match layout {
+        Layout::PerSlot => (slots.max(1), true),
+        Layout::Single => (1, false),
+    };
+    // In slot order: the kernel numbers a group's sockets in the order they
+    // start listening, and steering relies on that number being the slot.
     let sockets = (0..count)
         .map(|_| listening_socket(actual, reuse_port).map(Some))
         .collect::<io::Result<Vec<_>>>()
         .map_err(|err| bind_error(actual, err))?;
     Ok(BoundAddress {
         local: actual,
+        layout,
+        group: (0..sockets.len()).collect(),
         sockets,
-        per_slot,
+        steering: None,
+        attached: None,
+        steering_failed: false,
     })
 }
 
@@ -187,17 +335,6 @@ mod tests {
         address.reopen_slot(1).unwrap();
         let reopened = local_addr(address.socket_for_slot(1).unwrap()).unwrap();
         assert_eq!(reopened, address.local);
-    }
-
-    #[test]
-    fn a_slot_added_at_run_time_joins_the_group() {
-        let mut bound = bind_all(&["127.0.0.1:0".to_owned()], 1, Balance::ReusePort).unwrap();
-        let address = &mut bound[0];
-        address.ensure_slot(2).unwrap();
-        for slot in 0..3 {
-            let socket = address.socket_for_slot(slot).unwrap();
-            assert_eq!(local_addr(socket).unwrap(), address.local);
-        }
     }
 
     #[test]

@@ -1,26 +1,37 @@
 //! Handing accepted connections from the primary to a worker: the TCP
 //! socket's descriptor travels as `SCM_RIGHTS` ancillary data on a
 //! `SOCK_SEQPACKET` Unix socket pair, with a small header naming the listen
-//! address and the client.
+//! address and the client, and a sequence number.
+//!
+//! The hand-off is acknowledged: the primary keeps its copy of each
+//! descriptor until the worker sends back (on the same pair, before it reads
+//! a byte of the connection) the highest sequence number it has taken. A
+//! worker that dies with connections still queued in its end of the pair
+//! loses none of them: the primary still holds them and passes them on.
 //!
 //! Written on nix directly because the crates that wrap descriptor passing
 //! either assume stream sockets (where message boundaries, and so the pairing
 //! of a descriptor with its header, are not kept) or have no tokio support.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    recv, recvmsg, send, sendmsg, shutdown, socketpair, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, Shutdown, SockFlag, SockType,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-/// The largest header; a `SocketAddr` and an index encode in far less.
+/// The largest frame; a sequence number, a `SocketAddr` and an index encode
+/// in far less.
 const MAX_HEADER: usize = 64;
+
+/// An acknowledgement: the highest sequence number taken, little-endian.
+const ACK_BYTES: usize = 8;
 
 /// What travels with each descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +40,32 @@ pub(crate) struct PassedHeader {
     pub listener: u16,
     /// The client: the peer, or the address a PROXY protocol header named.
     pub client: SocketAddr,
+}
+
+/// One message on the pair: the header, then the sequence number the worker
+/// acknowledges it by. The number trails the header so that a worker from
+/// an older build (a reload can start one under this primary only the other
+/// way round, but the format is the contract) reads the header alone, and a
+/// newer worker under a primary that sends no number knows not to
+/// acknowledge.
+pub(crate) fn encode_frame(seq: u64, header: &PassedHeader) -> Result<Vec<u8>, postcard::Error> {
+    let mut frame = postcard::to_allocvec(header)?;
+    frame.extend_from_slice(&postcard::to_allocvec(&seq)?);
+    Ok(frame)
+}
+
+/// Decodes the bytes that came with a descriptor: its header, and its
+/// sequence number when the primary wants an acknowledgement.
+pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Option<u64>, PassedHeader), postcard::Error> {
+    let (header, rest) = postcard::take_from_bytes::<PassedHeader>(bytes)?;
+    if rest.is_empty() {
+        return Ok((None, header));
+    }
+    let (seq, rest) = postcard::take_from_bytes::<u64>(rest)?;
+    if !rest.is_empty() {
+        return Err(postcard::Error::DeserializeBadEncoding);
+    }
+    Ok((Some(seq), header))
 }
 
 /// A connection on its way to a worker.
@@ -49,47 +86,159 @@ pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     .map_err(io::Error::from)
 }
 
-/// The primary's end.
+/// The primary's end: passes connections and holds each one until the
+/// worker acknowledges it.
 pub(crate) struct ConnectionSender {
     socket: AsyncFd<OwnedFd>,
+    next_seq: u64,
+    /// Passed and not yet acknowledged, oldest first. Holding the stream
+    /// keeps the connection open whatever happens to the worker.
+    unacknowledged: VecDeque<(u64, PassedConnection)>,
+    /// The worker's end is closed: it will acknowledge nothing more.
+    worker_closed: bool,
 }
 
 impl ConnectionSender {
     pub fn new(socket: OwnedFd) -> io::Result<Self> {
         set_nonblocking(socket.as_raw_fd())?;
         Ok(ConnectionSender {
-            socket: register(socket, Interest::WRITABLE)?,
+            socket: register(socket, Interest::READABLE | Interest::WRITABLE)?,
+            next_seq: 1,
+            unacknowledged: VecDeque::new(),
+            worker_closed: false,
         })
     }
 
-    /// Sends one connection. On error the connection is handed back, so it
-    /// can be given to another worker instead of being lost.
+    /// Sends one connection and keeps it until the worker acknowledges it. On
+    /// error (the worker is gone) the connection is handed back, so it can be
+    /// given to another worker instead of being lost; the unacknowledged ones
+    /// are in [`into_unacknowledged`](Self::into_unacknowledged).
+    ///
+    /// While the worker's queue is full this keeps reading acknowledgements,
+    /// so a worker waiting to send one never deadlocks with it.
     pub async fn send(
-        &self,
+        &mut self,
         connection: PassedConnection,
     ) -> Result<(), (io::Error, PassedConnection)> {
-        let header = match postcard::to_allocvec(&connection.header) {
+        let seq = self.next_seq;
+        let frame = match encode_frame(seq, &connection.header) {
             Ok(bytes) => bytes,
             Err(err) => return Err((io::Error::other(err), connection)),
         };
         let fds = [connection.stream.as_raw_fd()];
-        let result = self
-            .socket
-            .async_io(Interest::WRITABLE, |socket| {
-                sendmsg::<()>(
-                    socket.as_raw_fd(),
-                    &[IoSlice::new(&header)],
-                    &[ControlMessage::ScmRights(&fds)],
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(io::Error::from)
-            })
-            .await;
-        match result {
-            // The worker now holds its own copy; ours closes on drop.
-            Ok(_) => Ok(()),
-            Err(err) => Err((err, connection)),
+        loop {
+            tokio::select! {
+                ready = self.socket.writable() => {
+                    let mut guard = match ready {
+                        Ok(guard) => guard,
+                        Err(err) => return Err((err, connection)),
+                    };
+                    let sent = guard.try_io(|socket| {
+                        sendmsg::<()>(
+                            socket.as_raw_fd(),
+                            &[IoSlice::new(&frame)],
+                            &[ControlMessage::ScmRights(&fds)],
+                            MsgFlags::MSG_NOSIGNAL,
+                            None,
+                        )
+                        .map_err(io::Error::from)
+                    });
+                    match sent {
+                        Ok(Ok(_)) => break,
+                        Ok(Err(err)) => return Err((err, connection)),
+                        Err(_would_block) => continue,
+                    }
+                }
+                ready = self.socket.readable(), if !self.worker_closed => {
+                    let mut guard = match ready {
+                        Ok(guard) => guard,
+                        Err(err) => return Err((err, connection)),
+                    };
+                    if let Ok(received) = guard.try_io(|socket| receive_ack(socket.as_raw_fd())) {
+                        match received {
+                            Ok(Some(taken)) => release(&mut self.unacknowledged, taken),
+                            // Sending will fail next and report it.
+                            Ok(None) | Err(_) => self.worker_closed = true,
+                        }
+                    }
+                }
+            }
+        }
+        self.next_seq += 1;
+        self.unacknowledged.push_back((seq, connection));
+        Ok(())
+    }
+
+    /// Waits for the worker's next acknowledgement and releases the
+    /// connections it covers. `Ok(false)` once the worker's end is closed
+    /// (the worker is gone): nothing more will be acknowledged. Cancel-safe.
+    pub async fn acknowledged(&mut self) -> io::Result<bool> {
+        while !self.worker_closed {
+            let mut guard = self.socket.readable().await?;
+            match guard.try_io(|socket| receive_ack(socket.as_raw_fd())) {
+                Ok(Ok(Some(taken))) => {
+                    release(&mut self.unacknowledged, taken);
+                    return Ok(true);
+                }
+                Ok(Ok(None)) => self.worker_closed = true,
+                Ok(Err(err)) if err.kind() == io::ErrorKind::BrokenPipe => {
+                    self.worker_closed = true
+                }
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(false)
+    }
+
+    /// How many passed connections the worker has not acknowledged yet.
+    pub fn unacknowledged(&self) -> usize {
+        self.unacknowledged.len()
+    }
+
+    /// No more connections will follow: the worker sees the end once it has
+    /// taken those queued, and can still acknowledge them.
+    pub fn finish(&self) -> io::Result<()> {
+        match shutdown(self.socket.get_ref().as_raw_fd(), Shutdown::Write) {
+            Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The connections the worker never acknowledged, oldest first, with the
+    /// primary's copy of each still open.
+    pub fn into_unacknowledged(self) -> Vec<PassedConnection> {
+        self.unacknowledged
+            .into_iter()
+            .map(|(_, connection)| connection)
+            .collect()
+    }
+}
+
+/// Drops the primary's copy of every connection up to `taken`.
+fn release(unacknowledged: &mut VecDeque<(u64, PassedConnection)>, taken: u64) {
+    while unacknowledged.front().is_some_and(|(seq, _)| *seq <= taken) {
+        unacknowledged.pop_front();
+    }
+}
+
+/// One acknowledgement, or `None` once the worker's end is closed.
+fn receive_ack(socket: RawFd) -> io::Result<Option<u64>> {
+    let mut buffer = [0u8; ACK_BYTES];
+    loop {
+        let length = match recv(socket, &mut buffer, MsgFlags::MSG_DONTWAIT) {
+            // A peer that closes with messages unread in its queue leaves a
+            // one-shot ECONNRESET here, reported before the messages it sent
+            // earlier: its last acknowledgements are still queued behind it.
+            Err(nix::errno::Errno::ECONNRESET) => continue,
+            other => other.map_err(io::Error::from)?,
+        };
+        match length {
+            0 => return Ok(None),
+            ACK_BYTES => return Ok(Some(u64::from_le_bytes(buffer))),
+            // Not from our worker code; an acknowledgement that cannot be
+            // read releases nothing, so nothing is lost by skipping it.
+            other => tracing::warn!("skipped a {other}-byte acknowledgement"),
         }
     }
 }
@@ -97,45 +246,109 @@ impl ConnectionSender {
 /// The worker's end.
 pub(crate) struct ConnectionReceiver {
     socket: AsyncFd<OwnedFd>,
+    /// The highest sequence number received.
+    taken: u64,
+    /// The highest sequence number acknowledged.
+    acknowledged: u64,
+    /// The primary closed its end (or shut it for writing).
+    ended: bool,
 }
 
 impl ConnectionReceiver {
     pub fn new(socket: OwnedFd) -> io::Result<Self> {
         set_nonblocking(socket.as_raw_fd())?;
         Ok(ConnectionReceiver {
-            socket: register(socket, Interest::READABLE)?,
+            socket: register(socket, Interest::READABLE | Interest::WRITABLE)?,
+            taken: 0,
+            acknowledged: 0,
+            ended: false,
         })
     }
 
-    /// The next connection; `Ok(None)` once the primary closed its end.
-    pub async fn recv(&self) -> io::Result<Option<PassedConnection>> {
-        loop {
+    /// The next connection, already acknowledged; `Ok(None)` once the
+    /// primary closed its end.
+    #[cfg(test)]
+    pub async fn recv(&mut self) -> io::Result<Option<PassedConnection>> {
+        Ok(self.recv_batch(1).await?.pop())
+    }
+
+    /// Waits for at least one connection and takes up to `limit` of those
+    /// waiting, then acknowledges them all at once, before the caller reads
+    /// a byte of any. Empty once the primary closed its end.
+    pub async fn recv_batch(&mut self, limit: usize) -> io::Result<Vec<PassedConnection>> {
+        let mut batch = Vec::new();
+        while batch.len() < limit.max(1) && !self.ended {
             let mut buffer = [0u8; MAX_HEADER];
-            let received = self
-                .socket
-                .async_io(Interest::READABLE, |socket| {
-                    receive(socket.as_fd().as_raw_fd(), &mut buffer)
-                })
-                .await?;
+            let received = if batch.is_empty() {
+                let mut guard = self.socket.readable().await?;
+                match guard.try_io(|socket| receive(socket.as_fd().as_raw_fd(), &mut buffer)) {
+                    Ok(received) => received?,
+                    Err(_would_block) => continue,
+                }
+            } else {
+                match receive(self.socket.get_ref().as_raw_fd(), &mut buffer) {
+                    Ok(received) => received,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) => return Err(err),
+                }
+            };
             let Some((length, fd)) = received else {
-                return Ok(None);
+                self.ended = true;
+                break;
             };
-            let Some(fd) = fd else {
-                tracing::warn!("a connection message arrived without its descriptor; skipped");
-                continue;
-            };
-            let header: PassedHeader = match postcard::from_bytes(&buffer[..length]) {
-                Ok(header) => header,
+            let (seq, header) = match decode_frame(&buffer[..length]) {
+                Ok(frame) => frame,
                 Err(err) => {
                     // Dropping `fd` closes the connection: better than serving
-                    // it under a wrong identity.
+                    // it under a wrong identity. A later acknowledgement
+                    // covers it, since they are cumulative.
                     tracing::warn!("malformed connection header ({err}); connection closed");
                     continue;
                 }
             };
+            if let Some(seq) = seq {
+                self.taken = self.taken.max(seq);
+            }
+            let Some(fd) = fd else {
+                tracing::warn!("a connection message arrived without its descriptor; skipped");
+                continue;
+            };
             let stream = std::net::TcpStream::from(fd);
-            return Ok(Some(PassedConnection { stream, header }));
+            batch.push(PassedConnection { stream, header });
         }
+        self.acknowledge().await;
+        Ok(batch)
+    }
+
+    /// The worker's end itself, for tests that play a worker dying mid-batch.
+    #[cfg(test)]
+    pub fn into_socket(self) -> OwnedFd {
+        self.socket.into_inner()
+    }
+
+    /// Tells the primary every connection received so far is taken. A
+    /// primary that is gone needs no acknowledgement.
+    async fn acknowledge(&mut self) {
+        if self.taken == self.acknowledged {
+            return;
+        }
+        let ack = self.taken.to_le_bytes();
+        loop {
+            let Ok(mut guard) = self.socket.writable().await else {
+                return;
+            };
+            match guard.try_io(|socket| {
+                send(socket.as_raw_fd(), &ack, MsgFlags::MSG_NOSIGNAL).map_err(io::Error::from)
+            }) {
+                Ok(Ok(_)) => break,
+                Ok(Err(err)) => {
+                    tracing::debug!("cannot acknowledge connections: {err}");
+                    break;
+                }
+                Err(_would_block) => continue,
+            }
+        }
+        self.acknowledged = self.taken;
     }
 }
 
@@ -143,13 +356,18 @@ impl ConnectionReceiver {
 fn receive(socket: RawFd, buffer: &mut [u8]) -> io::Result<Option<(usize, Option<OwnedFd>)>> {
     let mut space = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(buffer)];
-    let message = recvmsg::<()>(
-        socket,
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
+    let message = loop {
+        match recvmsg::<()>(
+            socket,
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            // See `receive_ack`: the queue is still there to read.
+            Err(nix::errno::Errno::ECONNRESET) => continue,
+            other => break other.map_err(io::Error::from)?,
+        }
+    };
     let mut descriptor = None;
     for control in message.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = control {
@@ -190,41 +408,167 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    #[tokio::test]
-    async fn a_connection_crosses_with_its_header() {
-        let (primary, worker) = pair().unwrap();
-        let sender = ConnectionSender::new(primary).unwrap();
-        let receiver = ConnectionReceiver::new(worker).unwrap();
-
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    /// A connected client and the accepted end, ready to pass.
+    fn connection(listener: &std::net::TcpListener) -> (std::net::TcpStream, PassedConnection) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, peer) = listener.accept().unwrap();
         let header = PassedHeader {
             listener: 1,
             client: peer,
         };
-        sender
-            .send(PassedConnection {
+        (
+            client,
+            PassedConnection {
                 stream: accepted,
                 header,
-            })
+            },
+        )
+    }
+
+    /// Proves a connection is still open end to end.
+    fn ping(client: &mut std::net::TcpStream, passed: &mut std::net::TcpStream) {
+        passed.set_nonblocking(false).unwrap();
+        client.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 4];
+        passed.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    /// Takes one message off the worker's end without acknowledging it, as
+    /// a worker killed at the wrong moment would.
+    fn take_without_ack(worker: &OwnedFd) -> OwnedFd {
+        let mut buffer = [0u8; MAX_HEADER];
+        let (_, fd) = receive(worker.as_raw_fd(), &mut buffer).unwrap().unwrap();
+        fd.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_crosses_with_its_header_and_is_released_once_acknowledged() {
+        let (primary, worker) = pair().unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (mut client, connection) = connection(&listener);
+        let header = connection.header;
+        sender
+            .send(connection)
             .await
             .map_err(|(err, _)| err)
             .unwrap();
+        assert_eq!(sender.unacknowledged(), 1);
         let mut passed = receiver.recv().await.unwrap().unwrap();
         assert_eq!(passed.header, header);
-        passed.stream.set_nonblocking(false).unwrap();
-        client.write_all(b"ping").unwrap();
-        let mut buf = [0u8; 4];
-        passed.stream.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
+        assert!(sender.acknowledged().await.unwrap());
+        assert_eq!(sender.unacknowledged(), 0);
+        ping(&mut client, &mut passed.stream);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_acknowledged_at_once() {
+        let (primary, worker) = pair().unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            let (client, connection) = connection(&listener);
+            clients.push(client);
+            sender
+                .send(connection)
+                .await
+                .map_err(|(err, _)| err)
+                .unwrap();
+        }
+        let batch = receiver.recv_batch(64).await.unwrap();
+        assert_eq!(batch.len(), 10);
+        assert!(sender.acknowledged().await.unwrap());
+        assert_eq!(sender.unacknowledged(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_worker_that_dies_before_acknowledging_gives_every_connection_back() {
+        let (primary, worker) = pair().unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            let (client, connection) = connection(&listener);
+            clients.push((client, connection.header));
+            sender
+                .send(connection)
+                .await
+                .map_err(|(err, _)| err)
+                .unwrap();
+        }
+        // The worker takes two descriptors and dies with three still queued.
+        let taken = [take_without_ack(&worker), take_without_ack(&worker)];
+        drop(worker);
+        drop(taken);
+        assert!(!sender.acknowledged().await.unwrap());
+        let back = sender.into_unacknowledged();
+        assert_eq!(back.len(), 5);
+        for ((client, header), mut connection) in clients.into_iter().zip(back) {
+            assert_eq!(connection.header, header);
+            let mut client = client;
+            ping(&mut client, &mut connection.stream);
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledged_connections_stay_with_the_worker() {
+        let (primary, worker) = pair().unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let (client, connection) = connection(&listener);
+            clients.push(client);
+            sender
+                .send(connection)
+                .await
+                .map_err(|(err, _)| err)
+                .unwrap();
+        }
+        let kept = receiver.recv_batch(64).await.unwrap();
+        assert_eq!(kept.len(), 2);
+        let (late_client, late) = connection(&listener);
+        let late_header = late.header;
+        sender.send(late).await.map_err(|(err, _)| err).unwrap();
+        drop(receiver);
+        // The acknowledgement may be read before or after the close shows.
+        while sender.acknowledged().await.unwrap() {}
+        let back = sender.into_unacknowledged();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].header, late_header);
+        drop((kept, late_client));
+    }
+
+    #[tokio::test]
+    async fn a_finished_sender_still_reads_the_last_acknowledgements() {
+        let (primary, worker) = pair().unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_client, connection) = connection(&listener);
+        sender
+            .send(connection)
+            .await
+            .map_err(|(err, _)| err)
+            .unwrap();
+        sender.finish().unwrap();
+        assert_eq!(receiver.recv_batch(64).await.unwrap().len(), 1);
+        assert!(receiver.recv_batch(64).await.unwrap().is_empty());
+        assert!(sender.acknowledged().await.unwrap());
+        assert_eq!(sender.unacknowledged(), 0);
     }
 
     #[tokio::test]
     async fn a_closed_primary_ends_the_stream() {
         let (primary, worker) = pair().unwrap();
         drop(primary);
-        let receiver = ConnectionReceiver::new(worker).unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
         assert!(receiver.recv().await.unwrap().is_none());
     }
 
@@ -232,21 +576,63 @@ mod tests {
     async fn a_dead_worker_hands_the_connection_back() {
         let (primary, worker) = pair().unwrap();
         drop(worker);
-        let sender = ConnectionSender::new(primary).unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, peer) = listener.accept().unwrap();
+        let (_client, connection) = connection(&listener);
+        let header = connection.header;
+        let (_, back) = sender.send(connection).await.unwrap_err();
+        assert_eq!(back.header, header);
+    }
+
+    #[test]
+    fn garbage_frames_are_refused() {
+        assert!(decode_frame(&[]).is_err());
+        assert!(decode_frame(&[0xff; 40]).is_err());
+        let header = PassedHeader {
+            listener: 2,
+            client: "[::1]:9".parse().unwrap(),
+        };
+        let frame = encode_frame(u64::MAX, &header).unwrap();
+        assert!(frame.len() <= MAX_HEADER);
+        assert_eq!(decode_frame(&frame).unwrap(), (Some(u64::MAX), header));
+        let mut longer = frame.clone();
+        longer.push(0);
+        assert!(decode_frame(&longer).is_err());
+    }
+
+    #[test]
+    fn frames_without_a_sequence_number_still_decode() {
+        // What a primary without acknowledgements sends, and what a worker
+        // without them reads from a newer primary.
         let header = PassedHeader {
             listener: 0,
-            client: peer,
+            client: "192.0.2.1:4000".parse().unwrap(),
         };
-        let (_, back) = sender
-            .send(PassedConnection {
-                stream: accepted,
-                header,
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(back.header, header);
+        let old = postcard::to_allocvec(&header).unwrap();
+        assert_eq!(decode_frame(&old).unwrap(), (None, header));
+        let new = encode_frame(9, &header).unwrap();
+        assert_eq!(postcard::from_bytes::<PassedHeader>(&new).unwrap(), header);
+    }
+
+    #[tokio::test]
+    async fn a_primary_that_wants_no_acknowledgement_gets_none() {
+        let (primary, worker) = pair().unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (_client, passed) = connection(&listener);
+        let old = postcard::to_allocvec(&passed.header).unwrap();
+        let fds = [passed.stream.as_raw_fd()];
+        sendmsg::<()>(
+            primary.as_raw_fd(),
+            &[IoSlice::new(&old)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(receiver.recv_batch(8).await.unwrap().len(), 1);
+        let mut buffer = [0u8; 16];
+        let nothing = recv(primary.as_raw_fd(), &mut buffer, MsgFlags::MSG_DONTWAIT);
+        assert_eq!(nothing, Err(nix::errno::Errno::EAGAIN));
     }
 }

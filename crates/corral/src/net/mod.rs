@@ -1,12 +1,14 @@
 //! Sockets: binding in the primary, accepting in the workers, handing
-//! connections from one to the other, PROXY protocol headers, and
-//! serving HTTP on them with timeouts and a connection cap.
+//! connections from one to the other, PROXY protocol headers, steering the
+//! kernel's choice of socket in a `SO_REUSEPORT` group, and serving HTTP on
+//! them with timeouts and a connection cap.
 
 pub(crate) mod bind;
 pub(crate) mod fd_passing;
 mod listener;
 pub(crate) mod proxy_protocol;
 mod serve;
+pub(crate) mod steering;
 
 pub(crate) use listener::PassedQueue;
 pub use listener::{Connection, Listener};

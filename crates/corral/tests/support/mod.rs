@@ -100,7 +100,10 @@ impl Cluster {
 
 pub fn command(program: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(program);
-    command.args(args).env("RUST_LOG", "info");
+    command.args(args).env(
+        "RUST_LOG",
+        std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".to_owned()),
+    );
     command
 }
 
