@@ -27,12 +27,14 @@
 compile_error!("corral supervises worker processes with Unix sockets and signals; it builds on Linux (and other Unix systems)");
 
 mod cluster;
+pub mod control;
 mod error;
 mod ipc;
 mod logging;
 pub mod metrics;
 pub mod net;
 pub mod pool;
+mod systemd;
 
 #[cfg(feature = "clap")]
 pub use cluster::ClusterArgs;
