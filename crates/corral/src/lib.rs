@@ -42,4 +42,6 @@ pub use cluster::{
     Balance, Cluster, ClusterBuilder, Message, Published, Subscription, TrackRequests,
     TrackRequestsLayer, TrackedResponse, Worker, Workers, MAX_MESSAGE_BYTES,
 };
+#[cfg(feature = "clap")]
+pub use cluster::{ConfigFile, ProgramSpec};
 pub use error::{BoxError, Error, Result};
