@@ -172,6 +172,16 @@ impl ConfigFile {
         Ok(spec)
     }
 
+    /// The keys the file sets, as written, in file order.
+    ///
+    /// ```
+    /// let file = corral::ConfigFile::parse("app.toml", "workers = 2\nmax_memory = \"1G\"\n").unwrap();
+    /// assert_eq!(file.keys().collect::<Vec<_>>(), ["workers", "max_memory"]);
+    /// ```
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|entry| entry.key.as_str())
+    }
+
     fn take(&mut self, key: &str) -> Option<Entry> {
         let index = self.entries.iter().position(|entry| entry.key == key)?;
         Some(self.entries.remove(index))
