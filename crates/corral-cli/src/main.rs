@@ -48,7 +48,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run PROGRAM as a supervised cluster sharing the --listen sockets.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// The running clusters of this user: name, pid, workers, listen addresses, uptime.
     List {
         /// Print a JSON array of the clusters' status objects.
@@ -128,7 +128,7 @@ fn main() -> ExitCode {
             let run_matches = matches
                 .subcommand_matches("run")
                 .expect("clap matched the run subcommand");
-            run::run(args, run_matches)
+            run::run(*args, run_matches)
         }
         Command::List { json } => list::list(json),
         Command::Status { target, json } => status::status(&target, json),

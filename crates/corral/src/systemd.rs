@@ -9,7 +9,7 @@
 
 // The supervisor calls these (primary.rs); until it is wired in only the
 // tests do.
-#![cfg_attr(not(test), allow(dead_code))]
+#![allow(dead_code)]
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
