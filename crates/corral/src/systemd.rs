@@ -100,6 +100,51 @@ pub(crate) fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec / 2))
 }
 
+/// Pings the watchdog every `interval` for as long as the task runs. Spawn it
+/// on the supervisor's (single-threaded) runtime: a supervisor whose event
+/// loop is stuck stops pinging, and systemd restarts the service.
+pub(crate) async fn watchdog_loop(interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        watchdog();
+    }
+}
+
+/// The one-line summary for [`status`], from the status object of
+/// interfaces.md: `4/4 workers ready · generation 3 · 5120 req/s`, plus the
+/// last reload when it did not complete.
+pub(crate) fn status_line(status: &serde_json::Value) -> String {
+    let workers = status["workers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let ready = workers.iter().filter(|w| w["state"] == "ready").count();
+    let generation = workers
+        .iter()
+        .filter_map(|w| w["generation"].as_u64())
+        .max();
+    // fold, not sum: an empty f64 sum is -0.0, printed "-0".
+    let rate = workers
+        .iter()
+        .filter_map(|w| w["requests_per_s"].as_f64())
+        .fold(0.0, |total, rate| total + rate);
+    let mut line = format!("{ready}/{} workers ready", workers.len());
+    if let Some(generation) = generation {
+        line.push_str(&format!(" · generation {generation}"));
+    }
+    line.push_str(&format!(" · {rate:.0} req/s"));
+    let reload = &status["last_reload"];
+    if let Some(outcome) = reload["outcome"].as_str().filter(|o| *o != "completed") {
+        line.push_str(&format!(" · last reload {}", outcome.replace('_', " ")));
+        if let Some(reason) = reload["reason"].as_str() {
+            line.push_str(&format!(": {reason}"));
+        }
+    }
+    line
+}
+
 fn monotonic_usec() -> u64 {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available");
@@ -259,6 +304,58 @@ mod tests {
         assert!(notify("READY=1").unwrap());
         assert_eq!(receive(&socket), "READY=1");
         std::env::remove_var("NOTIFY_SOCKET");
+    }
+
+    #[test]
+    fn the_status_line_sums_the_cluster_up() {
+        let status = serde_json::json!({
+            "workers": [
+                {"state": "ready", "generation": 3, "requests_per_s": 100.4},
+                {"state": "starting", "generation": 4, "requests_per_s": null},
+            ],
+            "last_reload": {"outcome": "rolled_back", "generation": 4, "reason": "slot 1 died at start"}
+        });
+        assert_eq!(
+            status_line(&status),
+            "1/2 workers ready · generation 4 · 100 req/s · last reload rolled back: slot 1 died at start"
+        );
+        assert_eq!(
+            status_line(&serde_json::json!({"workers": [], "last_reload": null})),
+            "0/0 workers ready · 0 req/s"
+        );
+    }
+
+    #[test]
+    fn the_watchdog_loop_pings_on_its_interval() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let path =
+            std::env::temp_dir().join(format!("corral-watchdog-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // The first ping is at once, then one per interval: about 6 in 520 ms.
+        runtime.block_on(async {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(520),
+                watchdog_loop(Duration::from_millis(100)),
+            )
+            .await;
+        });
+        std::env::remove_var("NOTIFY_SOCKET");
+        let mut pings = 0;
+        let mut buf = [0u8; 64];
+        while let Ok(n) = socket.recv(&mut buf) {
+            assert_eq!(&buf[..n], b"WATCHDOG=1");
+            pings += 1;
+        }
+        // A loaded machine may delay a tick, never add one.
+        assert!((3..=6).contains(&pings), "{pings} pings");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
