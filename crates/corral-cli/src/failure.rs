@@ -24,6 +24,14 @@ impl Failure {
     }
 }
 
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Failed(message) | Failure::Usage(message) => f.write_str(message),
+        }
+    }
+}
+
 impl From<ClientError> for Failure {
     fn from(err: ClientError) -> Self {
         match err {

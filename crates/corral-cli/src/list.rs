@@ -19,7 +19,7 @@ pub(crate) fn list(json: bool) -> Result<(), Failure> {
                 clusters.push(status);
             }
             // It stopped between the two looks; it is not running any more.
-            Err(err) => eprintln!("corral: skipping {}: {err:?}", found.path.display()),
+            Err(err) => eprintln!("corral: skipping {}: {err}", found.path.display()),
         }
     }
     if json {

@@ -69,7 +69,7 @@ pub(crate) fn monit(target: &Target) -> Result<(), Failure> {
 
 fn refresh(path: &Path) -> Result<Value, String> {
     let client = Client::connect(path).map_err(|err| err.to_string())?;
-    fetch(client).map_err(|failure| format!("{failure:?}"))
+    fetch(client).map_err(|failure| failure.to_string())
 }
 
 /// Keeps the newest log lines in `logs`, from a followed `logs` request.
