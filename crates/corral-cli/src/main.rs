@@ -48,6 +48,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run PROGRAM as a supervised cluster sharing the --listen sockets.
+    #[command(
+        override_usage = "corral run [OPTIONS] -- PROGRAM [ARGS]...\n       corral run --config FILE [OPTIONS]"
+    )]
     Run(Box<run::RunArgs>),
     /// The running clusters of this user: name, pid, workers, listen addresses, uptime.
     List {
