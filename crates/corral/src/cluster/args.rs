@@ -247,6 +247,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn help_keeps_the_programs_own_about_and_no_doc_example() {
+        use clap::CommandFactory;
+
+        /// My service.
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            cluster: ClusterArgs,
+        }
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.starts_with("My service"), "{help}");
+        assert!(!help.contains("```") && !help.contains("derive"), "{help}");
+        assert!(help.contains("--name <NAME>") && help.contains("--config <FILE>"));
+    }
+
+    #[test]
     fn sizes_accept_common_suffixes() {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert_eq!(parse_size("2g"), Ok(2 << 30));
