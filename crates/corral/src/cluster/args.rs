@@ -69,11 +69,11 @@ pub struct ClusterArgs {
     pub config: Option<PathBuf>,
 
     /// Run the workers as this user; the primary binds the sockets first (start it as root).
-    #[arg(long, value_name = "USER")]
+    #[arg(long, value_name = "USER", value_parser = parse_user)]
     pub user: Option<String>,
 
     /// Run the workers with this group [default: the --user's group].
-    #[arg(long, value_name = "GROUP")]
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub group: Option<String>,
 
     /// Kill and replace a worker whose event loop sends no heartbeat for this long (e.g. 5s, 500ms).
@@ -222,6 +222,34 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|err| format!("`{text}` is not a duration ({err}); write e.g. 5s or 500ms"))
 }
 
+/// A user name that exists here, or a numeric uid (as `chown` takes them).
+fn parse_user(text: &str) -> Result<String, String> {
+    if text.parse::<u32>().is_ok() {
+        return Ok(text.to_owned());
+    }
+    match nix::unistd::User::from_name(text) {
+        Ok(Some(_)) => Ok(text.to_owned()),
+        Ok(None) => Err(format!(
+            "there is no user `{text}` on this system; create it (useradd --system {text}) or name another"
+        )),
+        Err(err) => Err(format!("cannot look up user `{text}`: {err}")),
+    }
+}
+
+/// A group name that exists here, or a numeric gid.
+fn parse_group(text: &str) -> Result<String, String> {
+    if text.parse::<u32>().is_ok() {
+        return Ok(text.to_owned());
+    }
+    match nix::unistd::Group::from_name(text) {
+        Ok(Some(_)) => Ok(text.to_owned()),
+        Ok(None) => Err(format!(
+            "there is no group `{text}` on this system; create it (groupadd --system {text}) or name another"
+        )),
+        Err(err) => Err(format!("cannot look up group `{text}`: {err}")),
+    }
+}
+
 fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
@@ -260,6 +288,19 @@ mod tests {
         assert!(help.starts_with("My service"), "{help}");
         assert!(!help.contains("```") && !help.contains("derive"), "{help}");
         assert!(help.contains("--name <NAME>") && help.contains("--config <FILE>"));
+    }
+
+    #[test]
+    fn users_and_groups_must_exist() {
+        assert_eq!(parse_user("root"), Ok("root".to_owned()));
+        assert_eq!(parse_user("65534"), Ok("65534".to_owned()));
+        assert!(parse_user("no-such-user-corral")
+            .unwrap_err()
+            .contains("no user `no-such-user-corral`"));
+        assert_eq!(parse_group("root"), Ok("root".to_owned()));
+        assert!(parse_group("no-such-group-corral")
+            .unwrap_err()
+            .contains("no group"));
     }
 
     #[test]
