@@ -35,17 +35,27 @@ fn start(workers: &str) -> Cluster {
     Cluster::start(command, Duration::from_secs(30))
 }
 
-/// `(slot, pid)` from one request on a new connection.
-fn hello(addr: SocketAddr) -> std::io::Result<(String, i32)> {
+/// The body of `GET path` on a new connection.
+fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// `(slot, pid)` from one request on a new connection.
+fn hello(addr: SocketAddr) -> std::io::Result<(String, i32)> {
+    let response = get(addr, "/")?;
+    let body = response.as_str();
     let rest = body
         .strip_prefix("hello from worker ")
         .ok_or_else(|| std::io::Error::other(format!("unexpected answer {response:?}")))?;
@@ -147,4 +157,90 @@ fn run_reports_a_program_that_keeps_crashing() {
     .unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("crash loop"));
+}
+
+#[test]
+fn run_takes_the_program_its_environment_and_flags_from_a_config_file() {
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server.py");
+    let path = std::env::temp_dir().join(format!("corral-run-config-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "# the ecosystem file of a Python service\n\
+             program = \"python3\"\n\
+             args = [\"{server}\"]\n\
+             env = {{ CORRAL_TEST_GREETING = \"hi from the file\" }}\n\
+             listen = \"127.0.0.1:0\"\n\
+             workers = 3\n\
+             ready-after = \"300ms\"\n"
+        ),
+    )
+    .unwrap();
+    // The command line wins over the file: one worker, not three.
+    let cluster = Cluster::start(
+        corral(&["run", "--config", path.to_str().unwrap(), "--workers", "1"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        get(cluster.addr, "/env/CORRAL_TEST_GREETING").unwrap(),
+        "hi from the file"
+    );
+    let slots: BTreeSet<String> = (0..10)
+        .filter_map(|_| hello(cluster.addr).ok())
+        .map(|(slot, _)| slot)
+        .collect();
+    assert_eq!(slots, BTreeSet::from(["0".to_owned()]));
+    assert!(cluster.banner.contains("(1 workers"), "{}", cluster.banner);
+    drop(cluster);
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn run_refuses_flags_that_cannot_apply_to_an_external_program() {
+    for (flag, value) in [
+        ("--heartbeat-timeout", "2s"),
+        ("--max-requests", "100"),
+        ("--max-requests-jitter", "10"),
+    ] {
+        let output = corral(&["run", "-l", "127.0.0.1:0", flag, value, "--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{flag}");
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            err.contains(&format!("{flag} does not apply to `corral run`")),
+            "{flag}: {err}"
+        );
+    }
+    let path = std::env::temp_dir().join(format!("corral-run-refuse-{}.toml", std::process::id()));
+    std::fs::write(&path, "heartbeat_timeout = \"2s\"\n").unwrap();
+    let output = corral(&["run", "--config", path.to_str().unwrap(), "--", "true"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("remove the key from the --config file")
+    );
+
+    // --max-memory is measured from /proc, so it stays.
+    let help = corral(&["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("--max-memory") && !help.contains("--heartbeat-timeout"),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_bad_config_file_names_the_key_and_line() {
+    let path = std::env::temp_dir().join(format!("corral-run-bad-{}.toml", std::process::id()));
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\nwokers = 2\n").unwrap();
+    let output = corral(&["run", "--config", path.to_str().unwrap(), "--", "true"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("line 2: unknown key `wokers`"), "{err}");
 }

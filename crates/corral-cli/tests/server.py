@@ -20,7 +20,10 @@ class Hello(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
-        body = ("hello from worker %s (pid %d)" % (SLOT, os.getpid())).encode()
+        if self.path.startswith("/env/"):
+            body = os.environ.get(self.path[len("/env/"):], "").encode()
+        else:
+            body = ("hello from worker %s (pid %d)" % (SLOT, os.getpid())).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))

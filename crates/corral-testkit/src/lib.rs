@@ -132,6 +132,7 @@ impl Drop for Cluster {
 /// Starts `command` in its own process group with stdin closed, stdout piped
 /// (left to the caller) and stderr collected into the returned log.
 pub fn spawn(mut command: Command) -> (Child, Arc<Mutex<String>>) {
+    isolate_control_sockets(&mut command);
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -150,6 +151,26 @@ pub fn spawn(mut command: Command) -> (Child, Arc<Mutex<String>>) {
         }
     });
     (child, log)
+}
+
+/// Gives the program a runtime directory of its own (unless the test chose
+/// one), so clusters of one program started by tests running in parallel
+/// do not meet on one control socket name.
+fn isolate_control_sockets(command: &mut Command) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let chosen = command.get_envs().any(|(key, _)| key == "XDG_RUNTIME_DIR");
+    if chosen {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "corral-test-run-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    ));
+    if std::fs::create_dir_all(&dir).is_ok() {
+        command.env("XDG_RUNTIME_DIR", dir);
+    }
 }
 
 /// A child whose whole process group is killed when dropped.

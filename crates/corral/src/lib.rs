@@ -27,6 +27,7 @@
 compile_error!("corral supervises worker processes with Unix sockets and signals; it builds on Linux (and other Unix systems)");
 
 mod cluster;
+pub mod control;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -35,6 +36,7 @@ mod logging;
 pub mod metrics;
 pub mod net;
 pub mod pool;
+mod systemd;
 
 #[cfg(feature = "clap")]
 pub use cluster::ClusterArgs;
@@ -42,4 +44,6 @@ pub use cluster::{
     Balance, Cluster, ClusterBuilder, Message, Published, Subscription, TrackRequests,
     TrackRequestsLayer, TrackedResponse, Worker, Workers, MAX_MESSAGE_BYTES,
 };
+#[cfg(feature = "clap")]
+pub use cluster::{ConfigFile, ProgramSpec};
 pub use error::{BoxError, Error, Result};

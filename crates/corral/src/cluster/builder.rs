@@ -315,6 +315,56 @@ impl ClusterBuilder {
         self
     }
 
+    /// The cluster's name (default: the program's file name): it names the
+    /// control socket, so `corral status --name NAME` finds this cluster, and
+    /// a second cluster of the same name is refused.
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().name("payments");
+    /// # drop(b);
+    /// ```
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Some(name.into());
+        self
+    }
+
+    /// Where the control socket is (default: `$XDG_RUNTIME_DIR/corral/NAME.sock`,
+    /// or `/tmp/corral-UID/NAME.sock`).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().control_path("/run/payments/control.sock");
+    /// # drop(b);
+    /// ```
+    pub fn control_path(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.control = Some(path.into());
+        self
+    }
+
+    /// Runs the workers as this user (a name or a numeric uid). The primary
+    /// binds the listening sockets first, so start it as root to serve a
+    /// port below 1024 from unprivileged workers.
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().user("www-data");
+    /// # drop(b);
+    /// ```
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.config.user = Some(user.into());
+        self
+    }
+
+    /// Runs the workers with this group (a name or a numeric gid; default:
+    /// the [`user`](Self::user)'s primary group).
+    ///
+    /// ```
+    /// let b = corral::Cluster::builder().user("www-data").group("www-data");
+    /// # drop(b);
+    /// ```
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.config.group = Some(group.into());
+        self
+    }
+
     /// Whether corral installs a `tracing` subscriber that writes to stderr,
     /// each line tagged with the process's role, slot and pid (default true;
     /// set to false to install your own).

@@ -151,6 +151,13 @@ pub(crate) struct Config {
     pub pool_threads: Option<usize>,
     pub pool_queue: Option<usize>,
     pub admin: Option<String>,
+    /// `--name`; `None` means the program's file name (`control::default_name`).
+    pub name: Option<String>,
+    /// `--control PATH`; `None` means `control::socket_path`'s default.
+    pub control: Option<std::path::PathBuf>,
+    /// `--user`/`--group`: what the workers run as.
+    pub user: Option<String>,
+    pub group: Option<String>,
     /// Set by `run_command`: workers are this program, not this binary.
     pub external: Option<ExternalProgram>,
     /// How long an external program must stay up to count as ready.
@@ -195,6 +202,10 @@ impl Default for Config {
             pool_threads: None,
             pool_queue: None,
             admin: None,
+            name: None,
+            control: None,
+            user: None,
+            group: None,
             external: None,
             ready_after: Duration::from_secs(1),
             header_timeout: Duration::from_secs(30),

@@ -7,6 +7,9 @@ mod args;
 mod balancer;
 mod builder;
 mod config;
+#[cfg(feature = "clap")]
+mod config_file;
+mod identity;
 mod messages;
 mod outbox;
 mod primary;
@@ -20,6 +23,8 @@ mod worker;
 pub use args::ClusterArgs;
 pub use builder::{Cluster, ClusterBuilder};
 pub use config::{Balance, Workers};
+#[cfg(feature = "clap")]
+pub use config_file::{ConfigFile, ProgramSpec};
 pub use messages::{Message, Published, Subscription, MAX_MESSAGE_BYTES};
 pub use request_tracking::{TrackRequests, TrackRequestsLayer, TrackedResponse};
 pub use worker::Worker;

@@ -29,6 +29,7 @@ use super::supervisor::{
     self, Action, Build, DrainBy, Event, Kind, Level, Phase, Plan, ReplyId, Route, Rules,
     ScaleTarget, SlotState, SpawnError, State, WorkerId,
 };
+use crate::control::{ControlCommand, ControlHandle, LogBook};
 use crate::error::{Error, Result};
 use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
 use crate::metrics::status::{
@@ -60,7 +61,15 @@ pub(crate) fn run(config: Config) -> Result<()> {
         )));
     }
     let slots = config.workers.count();
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(crate::control::default_name);
+    let identity = super::identity::resolve(config.user.as_deref(), config.group.as_deref())?;
     let bound = bind_all(&config.listen, slots, config.layout())?;
+    // Before any worker starts, so a second live cluster of this name fails at once.
+    let control_path = crate::control::socket_path(&name, config.control.as_deref());
+    let control = crate::control::bind(&control_path, &name)?;
     let admin = match &config.admin {
         Some(text) => {
             let addr = resolve(text)?;
@@ -100,8 +109,10 @@ pub(crate) fn run(config: Config) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let executor = Executor::new(config, bound, program_path, first, args, slots);
-        executor.run(admin).await
+        let mut executor = Executor::new(config, bound, program_path, first, args, slots);
+        executor.name = name;
+        executor.identity = identity;
+        executor.run(admin, control).await
     })
 }
 
@@ -135,6 +146,8 @@ enum Input {
     User { slot: usize, payload: Vec<u8> },
     /// A user message for every worker.
     Broadcast { slot: usize, payload: Vec<u8> },
+    /// A `corral` command from the control socket.
+    Control(ControlCommand),
 }
 
 /// A queue of messages to one worker, bounded in count and bytes.
@@ -178,6 +191,16 @@ fn message_size(message: &ToWorker) -> usize {
     }
 }
 
+/// Lines of output kept per slot for `corral logs`.
+const LOG_LINES_PER_SLOT: usize = 1000;
+
+/// A control-socket caller waiting for the outcome of its command.
+enum Pending {
+    Reload(tokio::sync::oneshot::Sender<Result<u64, String>>),
+    Scale(tokio::sync::oneshot::Sender<Result<usize, String>>),
+    Stop(tokio::sync::oneshot::Sender<()>),
+}
+
 /// What the executor holds for one live worker process.
 struct Handle {
     pid: u32,
@@ -218,7 +241,14 @@ struct Executor {
     routes: Vec<Route>,
     status: SharedStatus,
     started: Instant,
-    replies: HashMap<ReplyId, tokio::sync::oneshot::Sender<Result<String, String>>>,
+    /// Control-socket callers waiting for an outcome.
+    replies: HashMap<ReplyId, Pending>,
+    next_reply: u64,
+    logs: LogBook,
+    /// The user and group workers run as (`--user`, `--group`).
+    identity: Option<super::identity::Identity>,
+    /// What systemd was last told (`STATUS=`), to tell it only changes.
+    told_systemd: String,
     /// Events the actions produced (a spawn's outcome), handled before new input.
     follow_ups: VecDeque<Event>,
     exit: Option<Result<()>>,
@@ -259,12 +289,54 @@ impl Executor {
             status: SharedStatus::default(),
             started: Instant::now(),
             replies: HashMap::new(),
+            next_reply: 0,
+            logs: LogBook::new(LOG_LINES_PER_SLOT),
+            identity: None,
+            told_systemd: String::new(),
             follow_ups: VecDeque::new(),
             exit: None,
         }
     }
 
-    async fn run(mut self, admin: Option<std::net::TcpListener>) -> Result<()> {
+    async fn run(
+        mut self,
+        admin: Option<std::net::TcpListener>,
+        control: crate::control::ControlListener,
+    ) -> Result<()> {
+        let (commands_tx, mut commands) = mpsc::channel(64);
+        let status = self.status.clone();
+        let handle = ControlHandle {
+            status: Arc::new(move || {
+                let snapshot = status
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .clone();
+                serde_json::to_value(snapshot).unwrap_or(serde_json::Value::Null)
+            }),
+            commands: commands_tx,
+            logs: self.logs.clone(),
+        };
+        let control_task = tokio::spawn(crate::control::serve(control, handle));
+        let inputs = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            while let Some(command) = commands.recv().await {
+                if inputs.send(Input::Control(command)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        if let Some(interval) = crate::systemd::watchdog_interval() {
+            tokio::spawn(crate::systemd::watchdog_loop(interval));
+        }
+        let result = self.serve(admin).await;
+        crate::systemd::stopping();
+        // Dropping the server removes the socket file.
+        control_task.abort();
+        let _ = control_task.await;
+        result
+    }
+
+    async fn serve(&mut self, admin: Option<std::net::TcpListener>) -> Result<()> {
         if let Some(listener) = admin {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             tracing::info!(
@@ -302,6 +374,10 @@ impl Executor {
                 }
                 Some(Input::User { slot, payload }) => self.on_user_message(slot, payload),
                 Some(Input::Broadcast { slot, payload }) => self.broadcast(slot, payload),
+                Some(Input::Control(command)) => {
+                    let event = self.control_event(command);
+                    self.apply(event)
+                }
                 None => {
                     self.expire_waiting_connections();
                     self.sample_vitals();
@@ -351,6 +427,7 @@ impl Executor {
                 }
             }
             Action::PinBuild { generation } => {
+                crate::systemd::reloading();
                 let event = match self.pin() {
                     Ok(program) => {
                         tracing::info!(
@@ -371,11 +448,24 @@ impl Executor {
                 self.programs.remove(&generation);
             }
             Action::Announce => self.announce(),
-            Action::Reply { to, result } => {
-                if let Some(reply) = self.replies.remove(&to) {
-                    let _ = reply.send(result);
+            Action::Reply { to, result } => match self.replies.remove(&to) {
+                Some(Pending::Reload(done)) => {
+                    let generation = self
+                        .state
+                        .last_reload
+                        .as_ref()
+                        .map_or(0, |last| last.generation);
+                    let _ = done.send(result.map(|_| generation));
+                    crate::systemd::ready();
                 }
-            }
+                Some(Pending::Scale(done)) => {
+                    let _ = done.send(result.map(|_| self.state.active_slots()));
+                }
+                Some(Pending::Stop(done)) => {
+                    let _ = done.send(());
+                }
+                None => {}
+            },
             Action::Log { level, message } => match level {
                 Level::Debug => tracing::debug!("{message}"),
                 Level::Info => tracing::info!("{message}"),
@@ -425,14 +515,18 @@ impl Executor {
                 .map(AsRawFd::as_raw_fd)
                 .collect()
         };
+        let identity = self.identity.as_ref();
         let spawned = if self.config.external.is_some() {
-            spawn_program(program.path(), &self.args, slot, &listeners)
+            spawn_program(program.path(), &self.args, slot, &listeners, identity)
         } else {
-            spawn_worker(program, &self.args, slot, id.serial, &listeners)
+            spawn_worker(program, &self.args, slot, id.serial, &listeners, identity)
         }?;
         let pid = spawned.pid;
         let inputs = self.inputs_tx.clone();
         let mut child = spawned.child;
+        if let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) {
+            self.logs.capture(slot, pid, stdout, stderr);
+        }
         tokio::spawn(async move {
             let status = child.wait().await;
             let how = describe_exit(&status);
@@ -541,6 +635,37 @@ impl Executor {
         }
     }
 
+    /// A control-socket command as a supervisor event, its caller waiting
+    /// under a reply id.
+    fn control_event(&mut self, command: ControlCommand) -> Event {
+        self.next_reply += 1;
+        let reply = ReplyId(self.next_reply);
+        match command {
+            ControlCommand::Reload { done } => {
+                self.replies.insert(reply, Pending::Reload(done));
+                Event::Reload { reply: Some(reply) }
+            }
+            ControlCommand::Scale { target, done } => {
+                self.replies.insert(reply, Pending::Scale(done));
+                let target = match target {
+                    crate::control::ScaleTarget::To(n) => ScaleTarget::To(n),
+                    crate::control::ScaleTarget::By(k) => ScaleTarget::By(k),
+                };
+                Event::Scale {
+                    target,
+                    reply: Some(reply),
+                }
+            }
+            ControlCommand::Stop { done } => {
+                self.replies.insert(reply, Pending::Stop(done));
+                Event::Stop {
+                    why: "corral stop".to_owned(),
+                    reply: Some(reply),
+                }
+            }
+        }
+    }
+
     fn announce(&mut self) {
         let mut stdout = std::io::stdout().lock();
         for address in &self.bound {
@@ -553,6 +678,7 @@ impl Executor {
             );
         }
         let _ = stdout.flush();
+        crate::systemd::ready();
     }
 
     /// In the accept-and-pass modes, one task per address accepts and hands
@@ -733,6 +859,15 @@ impl Executor {
             }
         }
         let snapshot = self.snapshot(now);
+        if std::env::var_os("NOTIFY_SOCKET").is_some() {
+            if let Ok(value) = serde_json::to_value(&snapshot) {
+                let line = crate::systemd::status_line(&value);
+                if line != self.told_systemd {
+                    crate::systemd::status(&line);
+                    self.told_systemd = line;
+                }
+            }
+        }
         *self
             .status
             .lock()

@@ -15,6 +15,7 @@ use std::process::Stdio;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use super::identity::Identity;
 use super::worker::{
     CONNECTIONS_FD, ENV_GENERATION, ENV_LISTENERS, ENV_SLOT, FIRST_LISTENER_FD, IPC_FD,
 };
@@ -107,6 +108,7 @@ pub(crate) fn spawn_worker(
     slot: usize,
     generation: u64,
     listeners: &[RawFd],
+    identity: Option<&Identity>,
 ) -> io::Result<Spawned> {
     let (primary_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
     primary_end.set_nonblocking(true)?;
@@ -128,7 +130,7 @@ pub(crate) fn spawn_worker(
         .env(ENV_SLOT, slot.to_string())
         .env(ENV_GENERATION, generation.to_string())
         .env(ENV_LISTENERS, listeners.len().to_string());
-    let child = start(command, sources, pinned)?;
+    let child = start(command, sources, pinned, identity)?;
     drop(worker_end);
     drop(connections_worker_end);
     let pid = child_pid(&child)?;
@@ -148,6 +150,7 @@ pub(crate) fn spawn_program(
     args: &[OsString],
     slot: usize,
     listeners: &[RawFd],
+    identity: Option<&Identity>,
 ) -> io::Result<Spawned> {
     // LISTEN_PID must be the pid of the process that ends up running the
     // program; `sh` sets it from its own pid and `exec` keeps that pid.
@@ -161,7 +164,7 @@ pub(crate) fn spawn_program(
         .env("LISTEN_FDS", listeners.len().to_string())
         .env("CORRAL_INSTANCE", slot.to_string())
         .env_remove("LISTEN_FDNAMES");
-    let child = start(command, listeners.to_vec(), None)?;
+    let child = start(command, listeners.to_vec(), None, identity)?;
     let pid = child_pid(&child)?;
     Ok(Spawned {
         child,
@@ -179,7 +182,13 @@ fn child_pid(child: &Child) -> io::Result<u32> {
 
 /// Spawns `command` with `sources` moved to descriptors 3, 4, ... in the
 /// child, and `pinned` (the program to execute) right after them, close-on-exec.
-fn start(mut command: Command, sources: Vec<RawFd>, pinned: Option<RawFd>) -> io::Result<Child> {
+fn start(
+    mut command: Command,
+    sources: Vec<RawFd>,
+    pinned: Option<RawFd>,
+    identity: Option<&Identity>,
+) -> io::Result<Child> {
+    let identity = identity.cloned();
     // Allocated here because the child may not allocate between fork and exec.
     let mut scratch: Vec<RawFd> = vec![-1; sources.len()];
     let program_at = FIRST_INHERITED_FD + sources.len() as RawFd;
@@ -187,7 +196,13 @@ fn start(mut command: Command, sources: Vec<RawFd>, pinned: Option<RawFd>) -> io
     // never overwrite another still to be moved (and they fit any fd limit).
     let scratch_floor = program_at + 1;
     let primary_pid = nix::unistd::getpid().as_raw();
-    command.stdin(Stdio::null()).kill_on_drop(false);
+    // Output goes through the primary's log book (`corral logs`), which
+    // also passes it on to the primary's own stdout and stderr.
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(false);
     // SAFETY: the closure runs in the child between fork and exec and calls
     // only async-signal-safe functions (prctl, getppid, fcntl, dup2) on
     // memory allocated before the fork.
@@ -240,6 +255,9 @@ fn start(mut command: Command, sources: Vec<RawFd>, pinned: Option<RawFd>) -> io
             }
             #[cfg(not(target_os = "linux"))]
             let _ = (program_copy, program_at);
+            if let Some(identity) = &identity {
+                super::identity::apply(identity)?;
+            }
             Ok(())
         });
     }
