@@ -18,6 +18,10 @@ pub(crate) fn init(tag: String) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
+        // A worker's stderr is a pipe to its primary; once the primary is
+        // gone, reporting the failed write would panic (eprintln on EPIPE)
+        // and take the logging thread, the watchdog included, with it.
+        .log_internal_errors(false)
         .event_format(Tagged {
             tag,
             inner: Format::default().with_target(false),
