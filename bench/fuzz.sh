@@ -38,7 +38,8 @@ for target in "${targets[@]}"; do
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$logs/$target.log" | tail -1)
   execs=${execs:-0}
   crashes=$(( $(find "artifacts/$target" -type f | wc -l) - before ))
-  per_s=$(awk -v e="$execs" -v s="$budget" 'BEGIN { printf "%.0f", e / s }')
+  per_s=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$logs/$target.log" | tail -1)
+  per_s=${per_s:-0}
   rows+=("| \`$target\` | $budget | $execs | $per_s | $crashes |")
   total_execs=$((total_execs + execs))
   total_crashes=$((total_crashes + crashes))

@@ -6,6 +6,7 @@
 pub(crate) mod bind;
 pub(crate) mod fd_passing;
 mod listener;
+mod paced_body;
 pub(crate) mod proxy_protocol;
 mod serve;
 pub(crate) mod steering;

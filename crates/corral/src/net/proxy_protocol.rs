@@ -113,6 +113,10 @@ impl HeaderBytes {
             if !have.ends_with(b"\n") {
                 return Ok(None);
             }
+            // `ppp` also takes a bare LF after UNKNOWN; the protocol says CRLF.
+            if !have.ends_with(b"\r\n") {
+                return Err(invalid("malformed PROXY v1 header: it must end with CRLF"));
+            }
             return match v1::Header::try_from(have) {
                 Ok(header) if header.header.len() == have.len() => {
                     Ok(Some(v1_client(&header.addresses)))
