@@ -147,6 +147,8 @@ pub(crate) struct Config {
     pub external: Option<ExternalProgram>,
     /// How long an external program must stay up to count as ready.
     pub ready_after: Duration,
+    /// Where worker broadcasts go: this node, or every node on a backend.
+    pub broadcast: crate::broadcast::BroadcastConfig,
 }
 
 /// A program clustered by `run_command`.
@@ -182,6 +184,7 @@ impl Default for Config {
             admin: None,
             external: None,
             ready_after: Duration::from_secs(1),
+            broadcast: crate::broadcast::BroadcastConfig::in_cluster(),
         }
     }
 }
