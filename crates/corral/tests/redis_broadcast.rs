@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use corral::broadcast::{self, BroadcastConfig, BroadcastPublisher, Deliveries, Delivered};
+use corral::broadcast::{self, BroadcastConfig, BroadcastPublisher, Delivered, Deliveries};
 use corral_testkit::ChildGroup;
 
 /// The shared server's URL, or `None` after saying the test is skipped.
@@ -55,7 +55,10 @@ fn node(url: &str, channel: &str) -> BroadcastConfig {
 async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
     while !condition() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting until {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -80,7 +83,10 @@ fn json(slot: usize, n: u64) -> Vec<u8> {
 
 fn decode(message: &Delivered) -> (u64, u64) {
     let value: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
-    (value["slot"].as_u64().unwrap(), value["n"].as_u64().unwrap())
+    (
+        value["slot"].as_u64().unwrap(),
+        value["n"].as_u64().unwrap(),
+    )
 }
 
 /// A `redis-server` of the test's own, killed with its process group.
@@ -154,8 +160,7 @@ impl PrivateRedis {
 
 #[tokio::test]
 async fn messages_from_one_node_reach_the_other_in_order_and_once() {
-    let Some(url) = shared_redis("messages_from_one_node_reach_the_other_in_order_and_once")
-    else {
+    let Some(url) = shared_redis("messages_from_one_node_reach_the_other_in_order_and_once") else {
         return;
     };
     let channel = fresh_channel("order");
@@ -190,12 +195,17 @@ async fn messages_from_one_node_reach_the_other_in_order_and_once() {
     // A delivered its own messages locally at once, and skips their copies
     // coming back from Redis.
     for i in 0..SLOTS as u64 * PER_SLOT {
-        let message = a_deliveries.try_recv().expect("A's own message, delivered locally");
+        let message = a_deliveries
+            .try_recv()
+            .expect("A's own message, delivered locally");
         assert!(message.local);
         assert_eq!(decode(&message), ((i % SLOTS as u64), i / SLOTS as u64));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(a_deliveries.try_recv().is_none(), "A got its own message twice");
+    assert!(
+        a_deliveries.try_recv().is_none(),
+        "A got its own message twice"
+    );
     assert!(b_deliveries.try_recv().is_none(), "B got a message twice");
 
     let (a_stats, b_stats) = (a.stats(), b.stats());
@@ -293,9 +303,11 @@ async fn a_killed_subscription_reconnects_and_what_it_missed_is_counted() {
     for n in 5..15 {
         a.publish(0, json(0, n));
     }
-    eventually("A published the 10 messages", Duration::from_secs(5), || {
-        a.stats().published_total == 15
-    })
+    eventually(
+        "A published the 10 messages",
+        Duration::from_secs(5),
+        || a.stats().published_total == 15,
+    )
     .await;
     assert!(
         killed_at.elapsed() < Duration::from_secs(2) && b.stats().reconnects_total == 0,
@@ -314,7 +326,11 @@ async fn a_killed_subscription_reconnects_and_what_it_missed_is_counted() {
     assert_eq!(stats.missed_total, 10);
     assert_eq!(stats.received_total, 6);
     assert!(stats.down_ms_total >= 1_500, "{stats:?}");
-    assert_eq!(a.stats().reconnects_total, 1, "A's subscription came back too");
+    assert_eq!(
+        a.stats().reconnects_total,
+        1,
+        "A's subscription came back too"
+    );
 }
 
 #[tokio::test]
@@ -335,9 +351,11 @@ async fn after_a_server_restart_both_nodes_reconnect_and_every_message_is_delive
     assert_eq!(decode(&next(&mut b_deliveries).await), (0, 0));
 
     redis.kill();
-    eventually("both nodes saw the server go", Duration::from_secs(5), || {
-        !a.stats().connected && !b.stats().connected
-    })
+    eventually(
+        "both nodes saw the server go",
+        Duration::from_secs(5),
+        || !a.stats().connected && !b.stats().connected,
+    )
     .await;
     // Published while the server is down: A retries them with back-off.
     for n in 1..4 {
@@ -366,10 +384,16 @@ async fn after_a_server_restart_both_nodes_reconnect_and_every_message_is_delive
             break;
         }
     }
-    assert!(seen.windows(2).all(|w| w[0] < w[1]), "out of order: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {seen:?}"
+    );
 
     let (a_stats, b_stats) = (a.stats(), b.stats());
-    assert_eq!(a_stats.published_total, 5, "A's retries went out: {a_stats:?}");
+    assert_eq!(
+        a_stats.published_total, 5,
+        "A's retries went out: {a_stats:?}"
+    );
     // Nothing is lost silently: every message A published is either
     // delivered to B or counted as missed by B.
     assert_eq!(

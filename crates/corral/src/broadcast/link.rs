@@ -195,7 +195,9 @@ impl Receiver {
                             failing_since = Some(now);
                             last_warning = now;
                         }
-                        Some(since) if now.duration_since(last_warning) >= Duration::from_secs(60) => {
+                        Some(since)
+                            if now.duration_since(last_warning) >= Duration::from_secs(60) =>
+                        {
                             tracing::warn!(
                                 "broadcast: still cannot subscribe to {target} after {:.0?} ({error})",
                                 now.duration_since(since)

@@ -151,7 +151,10 @@ impl Overflow {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         unlogged.0 += 1;
         let now = Instant::now();
-        if unlogged.1.is_none_or(|at| now.duration_since(at) >= LOG_EVERY) {
+        if unlogged
+            .1
+            .is_none_or(|at| now.duration_since(at) >= LOG_EVERY)
+        {
             tracing::warn!(
                 "broadcast: the {} queue is full (limit {} messages, {} KiB); dropped {} message(s) since the last report, {} in all",
                 self.name,

@@ -218,9 +218,12 @@ mod tests {
             redact("redis://user:secret@host:1/0"),
             "redis://***@host:1/0"
         );
-        let backend =
-            RedisBackend::new("redis://:secret@127.0.0.1:6379/3", "c", Duration::from_secs(1))
-                .unwrap();
+        let backend = RedisBackend::new(
+            "redis://:secret@127.0.0.1:6379/3",
+            "c",
+            Duration::from_secs(1),
+        )
+        .unwrap();
         let text = backend.describe();
         assert_eq!(text, "redis 127.0.0.1:6379/3 channel c");
         assert!(!format!("{backend:?}").contains("secret"));

@@ -198,7 +198,10 @@ mod tests {
         let mut senders = Senders::new(Duration::from_secs(60));
         senders.message("a", 1, now);
         assert_eq!(senders.heartbeat("a", 1, now), None);
-        assert_eq!(senders.heartbeat("a", 4, now), Some(Gap { first: 2, last: 4 }));
+        assert_eq!(
+            senders.heartbeat("a", 4, now),
+            Some(Gap { first: 2, last: 4 })
+        );
         // Counted once: the next heartbeat with the same number adds nothing.
         assert_eq!(senders.heartbeat("a", 4, now), None);
         assert_eq!(senders.message("a", 5, now), deliver(None));
