@@ -38,7 +38,7 @@ pub type FrameStream = BoxStream<'static, Result<Bytes, BoxError>>;
 ///     fn describe(&self) -> String {
 ///         "no other node".into()
 ///     }
-///     fn publish(&self, _frame: bytes::Bytes) -> BoxFuture<'static, Result<(), BoxError>> {
+///     fn publish(&self, _frames: Vec<bytes::Bytes>) -> BoxFuture<'static, Result<(), BoxError>> {
 ///         Box::pin(async { Ok(()) })
 ///     }
 ///     fn subscribe(&self) -> BoxFuture<'static, Result<FrameStream, BoxError>> {
@@ -59,9 +59,12 @@ pub trait BroadcastBackend: Send + Sync + 'static {
     /// Where the backend connects, for log lines; never includes a password.
     fn describe(&self) -> String;
 
-    /// Publishes one frame to every subscribed node. An error means the frame
-    /// may not have reached the engine; corral retries it with back-off.
-    fn publish(&self, frame: Bytes) -> BoxFuture<'static, Result<(), BoxError>>;
+    /// Publishes frames, in this order, to every subscribed node; several at
+    /// once when they queued up, so a backend can send them in one round trip
+    /// (Redis pipelines them). An error means some may not have reached the
+    /// engine; corral retries them all with back-off, and receivers skip the
+    /// ones they already have by their sequence numbers.
+    fn publish(&self, frames: Vec<Bytes>) -> BoxFuture<'static, Result<(), BoxError>>;
 
     /// Subscribes to the frames every node publishes (this node's own may be
     /// among them; they are skipped). The stream must end once the connection

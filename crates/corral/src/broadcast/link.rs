@@ -49,9 +49,13 @@ async fn pause(cancel: &CancellationToken, delay: Duration) -> bool {
     }
 }
 
-/// Publishes the queued frames in order; when the queue is empty, a heartbeat
-/// naming the last sequence number handed out, so receivers notice messages
-/// lost at the end of a burst.
+/// The most frames sent in one batch, and their most bytes.
+const BATCH_FRAMES: usize = 256;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Publishes the queued frames in order, as many as have queued up in one
+/// batch; when the queue is empty, a heartbeat naming the last sequence number
+/// handed out, so receivers notice messages lost at the end of a burst.
 pub(crate) async fn publish_loop(
     link: Arc<Link>,
     mut queue: QueueReceiver<Bytes>,
@@ -60,11 +64,21 @@ pub(crate) async fn publish_loop(
     let mut heartbeat = tokio::time::interval(link.options.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (frame, is_message) = tokio::select! {
+        let (batch, messages) = tokio::select! {
             biased;
             _ = link.cancel.cancelled() => return,
             frame = queue.recv() => match frame {
-                Some(frame) => (frame, true),
+                Some(frame) => {
+                    let mut bytes = frame.len();
+                    let mut batch = vec![frame];
+                    while batch.len() < BATCH_FRAMES && bytes < BATCH_BYTES {
+                        let Some(frame) = queue.try_recv() else { break };
+                        bytes += frame.len();
+                        batch.push(frame);
+                    }
+                    let messages = batch.len() as u64;
+                    (batch, messages)
+                }
                 None => return,
             },
             _ = heartbeat.tick() => {
@@ -76,32 +90,30 @@ pub(crate) async fn publish_loop(
                     continue;
                 }
                 let frame = Frame::Heartbeat { node: link.node.as_str(), last }.encode();
-                (Bytes::from(frame), false)
+                (vec![Bytes::from(frame)], 0)
             }
         };
-        if !publish_one(&link, frame, is_message).await {
+        if !publish_batch(&link, batch, messages).await {
             return;
         }
     }
 }
 
-/// Publishes one frame, retrying a message with back-off until it goes
-/// (a heartbeat is not retried: the next one says the same). False when the
-/// broadcast is stopping.
-async fn publish_one(link: &Link, frame: Bytes, is_message: bool) -> bool {
+/// Publishes one batch holding `messages` messages, retrying it with back-off
+/// until it goes (a lone heartbeat is not retried: the next one says the
+/// same). False when the broadcast is stopping.
+async fn publish_batch(link: &Link, batch: Vec<Bytes>, messages: u64) -> bool {
     let mut delays = backoff(&link.options);
     let mut failing: Option<(Instant, u64)> = None;
     loop {
         let deadline = link.options.timeout * 2;
         let outcome = tokio::select! {
             _ = link.cancel.cancelled() => return false,
-            outcome = tokio::time::timeout(deadline, link.backend.publish(frame.clone())) => outcome,
+            outcome = tokio::time::timeout(deadline, link.backend.publish(batch.clone())) => outcome,
         };
         let error = match outcome {
             Ok(Ok(())) => {
-                if is_message {
-                    Counters::add(&link.counters.published, 1);
-                }
+                Counters::add(&link.counters.published, messages);
                 if let Some((since, attempts)) = failing {
                     tracing::warn!(
                         "broadcast: publishing to {} again after {:.1?} of errors ({attempts} failed attempts); the messages queued meanwhile follow in order",
@@ -115,7 +127,7 @@ async fn publish_one(link: &Link, frame: Bytes, is_message: bool) -> bool {
             Err(_) => format!("no answer within {deadline:?}"),
         };
         Counters::add(&link.counters.publish_errors, 1);
-        if !is_message {
+        if messages == 0 {
             tracing::debug!("broadcast: heartbeat not published: {error}");
             return true;
         }

@@ -133,15 +133,21 @@ impl BroadcastBackend for RedisBackend {
         )
     }
 
-    fn publish(&self, frame: Bytes) -> BoxFuture<'static, Result<(), BoxError>> {
+    fn publish(&self, frames: Vec<Bytes>) -> BoxFuture<'static, Result<(), BoxError>> {
         let inner = self.inner.clone();
         Box::pin(async move {
             let mut connection = inner.publisher().await?;
-            let _receivers: i64 = redis::cmd("PUBLISH")
-                .arg(&inner.channel)
-                .arg(frame.as_ref())
-                .query_async(&mut connection)
-                .await?;
+            // One pipeline on one connection: one round trip for the batch,
+            // and Redis runs the commands in the order they were written.
+            let mut pipeline = redis::pipe();
+            for frame in &frames {
+                pipeline
+                    .cmd("PUBLISH")
+                    .arg(&inner.channel)
+                    .arg(frame.as_ref())
+                    .ignore();
+            }
+            pipeline.query_async::<()>(&mut connection).await?;
             Ok(())
         })
     }
