@@ -144,6 +144,14 @@ impl PrivateRedis {
         drop(self.server.take());
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: its connections stay
+    /// open but nothing answers, like a hung host or a dead network path.
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let server = self.server.as_ref().expect("the server runs");
+        let pid = nix::unistd::Pid::from_raw(server.0.id() as i32);
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
     /// Closes every pub/sub connection on the server, as a failover or a
     /// `CLIENT KILL` by an operator would.
     fn kill_subscriptions(&self) -> i64 {
@@ -402,4 +410,38 @@ async fn after_a_server_restart_both_nodes_reconnect_and_every_message_is_delive
         "{b_stats:?}"
     );
     assert!(b_stats.down_ms_total >= 500, "{b_stats:?}");
+}
+
+#[tokio::test]
+async fn a_frozen_server_is_noticed_by_the_ping_probe_and_the_subscription_comes_back() {
+    if shared_redis("a_frozen_server_is_noticed_by_the_ping_probe_and_the_subscription_comes_back")
+        .is_none()
+    {
+        return;
+    }
+    use nix::sys::signal::Signal;
+    let redis = PrivateRedis::start();
+    let channel = fresh_channel("frozen");
+    let (a, _a_deliveries) = broadcast::start(&node(&redis.url(), &channel)).unwrap();
+    let (b, mut b_deliveries) = broadcast::start(&node(&redis.url(), &channel)).unwrap();
+    both_subscribed(&a, &b).await;
+
+    // No connection closes: only an unanswered PING can tell.
+    redis.signal(Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    eventually("B noticed the silence", Duration::from_secs(5), || {
+        !b.stats().connected
+    })
+    .await;
+    assert!(frozen_at.elapsed() >= Duration::from_millis(400));
+    redis.signal(Signal::SIGCONT);
+
+    eventually("both nodes resubscribed", Duration::from_secs(10), || {
+        let (a, b) = (a.stats(), b.stats());
+        a.reconnects_total >= 1 && b.reconnects_total >= 1 && a.connected && b.connected
+    })
+    .await;
+    a.publish(2, json(2, 7));
+    let message = next(&mut b_deliveries).await;
+    assert_eq!((message.from_slot, decode(&message)), (2, (2, 7)));
 }
