@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// Heavy tasks allowed to wait for the CPU pool before 503.
     #[arg(long, default_value_t = 16)]
     pub pool_queue: usize,
+    /// Events span every node on this Redis server; without it they stay in
+    /// this node's workers.
+    #[arg(long, value_name = "redis://HOST:PORT[/DB]")]
+    pub broadcast: Option<corral::broadcast::BroadcastConfig>,
 }
 
 impl ServeArgs {

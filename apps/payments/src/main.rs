@@ -57,6 +57,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(threads) = cli.serve.pool_threads {
         cluster = cluster.pool_threads(threads);
     }
+    if let Some(broadcast) = cli.serve.broadcast.clone() {
+        cluster = cluster.broadcast(broadcast);
+    }
     cluster.run(move |worker| async move {
         // Heavy work runs on the worker's corral pool; events travel through
         // corral's broadcast so a subscriber on any worker sees them all.

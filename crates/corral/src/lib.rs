@@ -26,6 +26,7 @@
 #[cfg(not(unix))]
 compile_error!("corral supervises worker processes with Unix sockets and signals; it builds on Linux (and other Unix systems)");
 
+pub mod broadcast;
 mod cluster;
 pub mod control;
 mod error;

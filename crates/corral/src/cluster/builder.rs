@@ -365,6 +365,24 @@ impl ClusterBuilder {
         self
     }
 
+    /// Where [`Worker::broadcast`](crate::Worker::broadcast) messages go:
+    /// this node's workers (the default) or every worker of every node on a
+    /// Redis server (Socket.IO's Redis adapter, for corral). The primary
+    /// publishes each message once for the other nodes, keeps each sender's
+    /// order, and reconnects with back-off after a lost connection, counting
+    /// and logging what was missed.
+    ///
+    /// ```
+    /// let broadcast = corral::broadcast::BroadcastConfig::redis("redis://127.0.0.1:6379")?;
+    /// let b = corral::Cluster::builder().broadcast(broadcast);
+    /// # drop(b);
+    /// # Ok::<(), corral::Error>(())
+    /// ```
+    pub fn broadcast(mut self, broadcast: crate::broadcast::BroadcastConfig) -> Self {
+        self.config.broadcast = broadcast;
+        self
+    }
+
     /// Whether corral installs a `tracing` subscriber that writes to stderr,
     /// each line tagged with the process's role, slot and pid (default true;
     /// set to false to install your own).

@@ -168,6 +168,8 @@ pub(crate) struct Config {
     pub idle_timeout: Duration,
     /// `Worker::serve`: open connections per worker; `None`: from `RLIMIT_NOFILE`.
     pub max_connections: Option<usize>,
+    /// Where worker broadcasts go: this node, or every node on a backend.
+    pub broadcast: crate::broadcast::BroadcastConfig,
 }
 
 /// A program clustered by `run_command`.
@@ -211,6 +213,7 @@ impl Default for Config {
             header_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_connections: None,
+            broadcast: crate::broadcast::BroadcastConfig::in_cluster(),
         }
     }
 }

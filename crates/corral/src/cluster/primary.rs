@@ -148,6 +148,8 @@ enum Input {
     Broadcast { slot: usize, payload: Vec<u8> },
     /// A `corral` command from the control socket.
     Control(ControlCommand),
+    /// A broadcast to hand to every local worker (from this node or another).
+    Delivered(crate::broadcast::Delivered),
 }
 
 /// A queue of messages to one worker, bounded in count and bytes.
@@ -249,6 +251,8 @@ struct Executor {
     identity: Option<super::identity::Identity>,
     /// What systemd was last told (`STATUS=`), to tell it only changes.
     told_systemd: String,
+    /// Where worker broadcasts go (this node, or every node on Redis).
+    publisher: Option<crate::broadcast::BroadcastPublisher>,
     /// Events the actions produced (a spawn's outcome), handled before new input.
     follow_ups: VecDeque<Event>,
     exit: Option<Result<()>>,
@@ -293,6 +297,7 @@ impl Executor {
             logs: LogBook::new(LOG_LINES_PER_SLOT),
             identity: None,
             told_systemd: String::new(),
+            publisher: None,
             follow_ups: VecDeque::new(),
             exit: None,
         }
@@ -321,6 +326,16 @@ impl Executor {
         tokio::spawn(async move {
             while let Some(command) = commands.recv().await {
                 if inputs.send(Input::Control(command)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (publisher, mut deliveries) = crate::broadcast::start(&self.config.broadcast)?;
+        self.publisher = Some(publisher);
+        let inputs = self.inputs_tx.clone();
+        tokio::spawn(async move {
+            while let Some(delivered) = deliveries.recv().await {
+                if inputs.send(Input::Delivered(delivered)).await.is_err() {
                     return;
                 }
             }
@@ -373,7 +388,14 @@ impl Executor {
                     self.apply(event)
                 }
                 Some(Input::User { slot, payload }) => self.on_user_message(slot, payload),
-                Some(Input::Broadcast { slot, payload }) => self.broadcast(slot, payload),
+                Some(Input::Broadcast { slot, payload }) => {
+                    if let Some(publisher) = &self.publisher {
+                        publisher.publish(slot, payload);
+                    }
+                }
+                Some(Input::Delivered(delivered)) => {
+                    self.broadcast(delivered.from_slot, delivered.payload.to_vec())
+                }
                 Some(Input::Control(command)) => {
                     let event = self.control_event(command);
                     self.apply(event)
@@ -960,6 +982,7 @@ impl Executor {
             }),
             generation: self.state.good,
             reloading: self.state.reload.is_some() || self.state.pinning.is_some(),
+            broadcast: self.publisher.as_ref().map(|publisher| publisher.stats()),
             stopping: self.state.stopping,
             slots,
         }

@@ -22,6 +22,8 @@ pub(crate) struct ClusterStatus {
     pub generation: u64,
     pub reloading: bool,
     pub stopping: bool,
+    /// Cross-node broadcast figures (published, received, gaps, reconnects...).
+    pub broadcast: Option<crate::broadcast::BroadcastStats>,
     /// Every slot, with or without a worker.
     pub slots: Vec<SlotStatus>,
 }
