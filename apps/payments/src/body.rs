@@ -11,9 +11,10 @@ use http_body_util::BodyExt;
 
 use crate::error::ApiError;
 
-/// After deciding 413, read and discard at most this much more of the body, so
-/// the client (still sending) gets to read the answer instead of a reset
-/// connection. Larger bodies are cut off.
+/// After a body without a `Content-Length` grows past its limit, read and
+/// discard at most this much more of it, so the client (still sending) gets
+/// to read the answer instead of a reset connection. Larger bodies are cut
+/// off.
 const DRAIN_LIMIT: usize = 1024 * 1024;
 
 /// The declared `Content-Length`, if any and valid.
@@ -35,9 +36,9 @@ pub async fn read_limited(
     let declared = content_length(headers);
     if let Some(len) = declared {
         if len > limit as u64 {
-            if len <= (limit + DRAIN_LIMIT) as u64 {
-                drain(body, DRAIN_LIMIT + limit).await;
-            }
+            // Answered before a byte of the body is read (and without
+            // `100 Continue`); the 413 closes the connection, so the unread
+            // body is never waited for.
             return Err(ApiError::too_large(limit));
         }
     }

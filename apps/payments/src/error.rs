@@ -141,3 +141,25 @@ impl From<crate::heavy::Overloaded> for ApiError {
         ApiError::overloaded(o.retry_after_secs)
     }
 }
+
+impl From<crate::thumbnail::ThumbnailError> for ApiError {
+    fn from(e: crate::thumbnail::ThumbnailError) -> Self {
+        use crate::thumbnail::ThumbnailError as T;
+        let message = e.to_string();
+        match e {
+            T::Unsupported => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                message,
+            ),
+            T::Corrupt(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "corrupt_image", message)
+            }
+            T::TooLarge { .. } | T::NeedsTooMuchMemory { .. } => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "image_too_large", message)
+            }
+            T::Busy => ApiError::overloaded(1),
+            T::Encode(_) => ApiError::internal(message),
+        }
+    }
+}

@@ -9,6 +9,7 @@
 use clap::{Parser, Subcommand};
 
 use payments::gen::{generate_batch, GenArgs};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use payments::events::ClusterEvents;
@@ -37,7 +38,21 @@ enum Command {
     GenBatch(GenArgs),
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Start-up errors are printed as their one-sentence Display (never Debug),
+/// with exit status 1.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let text = e.to_string();
+            let end = if text.ends_with('.') { "" } else { "." };
+            eprintln!("error: {text}{end}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     if let Some(Command::GenBatch(args)) = cli.command {
         let merchants = match &args.merchants {

@@ -212,12 +212,18 @@ async fn create_thumbnail(
     body: Body,
 ) -> Result<Response, ApiError> {
     let body = read_limited(&headers, body, state.config().max_document_bytes).await?;
-    let format = thumbnail::sniff(&body)?;
     // Header-only: refuses huge images before any pixel is decoded.
-    thumbnail::check_dimensions(&body, format)?;
+    let plan = thumbnail::plan(&body)?;
+    let reservation = state
+        .decode_budget()
+        .try_reserve(&plan)
+        .map_err(|_| ApiError::overloaded(state.config().retry_after_secs))?;
     let jpeg = state
         .heavy()
-        .try_run(move || thumbnail::make_thumbnail(&body, format))
+        .try_run(move || {
+            let _reserved = reservation;
+            thumbnail::make_thumbnail(&body, &plan)
+        })
         .await??;
     Ok((
         StatusCode::OK,

@@ -7,6 +7,7 @@ use crate::events::{Events, LocalEvents};
 use crate::heavy::Heavy;
 use crate::merchants::Merchants;
 use crate::store::{Store, StoreError};
+use crate::thumbnail::DecodeBudget;
 
 /// Shared state of one worker. Cheap to clone.
 #[derive(Clone)]
@@ -19,6 +20,7 @@ struct Inner {
     slot: usize,
     store: Store,
     heavy: Heavy,
+    decode_budget: DecodeBudget,
     events: Arc<dyn Events>,
     /// Identifies this process as the holder of async batch leases.
     owner: String,
@@ -39,7 +41,8 @@ impl AppState {
     /// events (one process, e.g. tests). Opens (and if needed creates) the
     /// database.
     pub fn new(config: Config, slot: usize) -> Result<Self, StoreError> {
-        let heavy = Heavy::new(config.pool_threads, config.pool_queue)?
+        let heavy = Heavy::new(config.pool_threads, config.pool_queue)
+            .map_err(|e| StoreError::Task(format!("cannot start the CPU pool: {e}")))?
             .with_retry_after(config.retry_after_secs);
         Self::with_parts(config, slot, heavy, Arc::new(LocalEvents::default()))
     }
@@ -65,6 +68,7 @@ impl AppState {
                 slot,
                 store,
                 heavy,
+                decode_budget: DecodeBudget::default(),
                 events,
                 owner,
             }),
@@ -89,6 +93,11 @@ impl AppState {
     /// The CPU-heavy work runner.
     pub fn heavy(&self) -> &Heavy {
         &self.inner.heavy
+    }
+
+    /// The memory this worker's image decodes share.
+    pub fn decode_budget(&self) -> &DecodeBudget {
+        &self.inner.decode_budget
     }
 
     /// The event sink.

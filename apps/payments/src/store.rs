@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::payment::{NewPayment, Payment};
-use crate::settlement::{merge, BatchResult, CheckedLine};
+use crate::settlement::{merge, BatchResult, Checked};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "payments.sqlite3";
@@ -25,15 +25,43 @@ pub const DB_FILE: &str = "payments.sqlite3";
 /// Idle connections kept per process.
 const MAX_IDLE: usize = 8;
 
-/// A storage failure (always answered as 500).
+/// A storage failure: at start-up one sentence naming the flag or file, the
+/// cause and the fix; while serving, a 500.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The data directory cannot be created or used.
+    #[error("--data-dir {}: cannot create the directory ({source}); pass a directory this user may create and write", dir.display())]
+    DataDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A database file cannot be created, opened or given its mode.
+    #[error("--data-dir: cannot open the database file {} ({source}); make the data directory and its files readable and writable by this user, or pass another --data-dir", file.display())]
+    File {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The database file holds something else.
+    #[error("--data-dir: {} is not a SQLite database; move that file away or pass another --data-dir", file.display())]
+    NotADatabase {
+        /// The file.
+        file: PathBuf,
+    },
+    /// SQLite refused to open or set up the database.
+    #[error("--data-dir: cannot set up the database {} ({source}); check that it is a payments database this user may write, or pass another --data-dir", file.display())]
+    Open {
+        /// The file.
+        file: PathBuf,
+        /// The cause.
+        source: rusqlite::Error,
+    },
     /// SQLite said no.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// Creating the data directory failed.
-    #[error("data directory: {0}")]
-    Io(#[from] std::io::Error),
     /// A stored JSON document could not be (de)serialized.
     #[error("stored json: {0}")]
     Json(#[from] serde_json::Error),
@@ -130,6 +158,13 @@ CREATE TABLE IF NOT EXISTS batches (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_pending ON batches(status, lease_until);
+-- Bodies of unfinished async batches, apart from `batches.body` (kept for
+-- databases made by earlier versions): as the row's last column, the
+-- zeroblob the body is written into is never expanded in memory.
+CREATE TABLE IF NOT EXISTS batch_bodies (
+    id TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
 ";
 
 /// Serializes this process's payment transactions (see `create_payment`).
@@ -162,6 +197,55 @@ fn wait_for_writer(attempt: i32) -> bool {
     true
 }
 
+/// Create `dir` (and missing parents) as 0700; an existing directory is
+/// left as it is (it may be the user's own, e.g. `.`).
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let failed = |source| StoreError::DataDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    // The mode given to mkdir is cut by the umask; set it outright.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
+}
+
+/// Create the database file as 0600 before SQLite does (SQLite would use
+/// 0644 minus the umask, and gives its -wal and -shm files the main file's
+/// mode), and tighten files left by older versions.
+fn private_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |file: &Path| {
+        let file = file.to_owned();
+        move |source| StoreError::File { file, source }
+    };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(db)
+        .map_err(failed(db))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        if suffix.is_empty() || file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(failed(&file))?;
+        }
+    }
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -171,25 +255,39 @@ pub fn now_ms() -> i64 {
 }
 
 impl Store {
-    /// Open (creating if needed) the database in `data_dir`.
+    /// Open (creating if needed) the database in `data_dir`. A directory
+    /// created here is 0700 and the database files are 0600, whatever the
+    /// umask: they hold every merchant's payments.
     pub fn open(
         data_dir: &Path,
         synchronous: Synchronous,
         busy_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)?;
+        private_dir(data_dir)?;
+        let path = data_dir.join(DB_FILE);
+        private_files(&path)?;
         let store = Store {
-            path: data_dir.join(DB_FILE),
+            path,
             synchronous,
             busy_timeout,
             idle: Arc::new(Mutex::new(Vec::new())),
         };
-        let mut conn = store.connect()?;
-        // Several processes may start at once: the schema is created inside a
-        // write transaction so they take turns.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(SCHEMA)?;
-        tx.commit()?;
+        let setup = || -> Result<Connection, rusqlite::Error> {
+            let mut conn = store.connect_sqlite()?;
+            // Several processes may start at once: the schema is created
+            // inside a write transaction so they take turns.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA)?;
+            tx.commit()?;
+            Ok(conn)
+        };
+        let conn = setup().map_err(|source| {
+            let file = store.path.clone();
+            match source.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => StoreError::NotADatabase { file },
+                _ => StoreError::Open { file, source },
+            }
+        })?;
         store.put_back(conn);
         Ok(store)
     }
@@ -200,6 +298,10 @@ impl Store {
     }
 
     fn connect(&self) -> Result<Connection, StoreError> {
+        Ok(self.connect_sqlite()?)
+    }
+
+    fn connect_sqlite(&self) -> Result<Connection, rusqlite::Error> {
         let conn = Connection::open(&self.path)?;
         BUSY_BUDGET_MS.store(
             u64::try_from(self.busy_timeout.as_millis()).unwrap_or(u64::MAX),
@@ -336,7 +438,7 @@ impl Store {
     pub fn settle(
         &self,
         batch_id: &str,
-        lines: &[CheckedLine<'_>],
+        lines: &Checked<'_>,
         owner: Option<&str>,
     ) -> Result<Option<BatchResult>, StoreError> {
         self.with_conn(|conn| {
@@ -368,6 +470,7 @@ impl Store {
                          body = NULL, lease_owner = NULL WHERE id = ?1",
                     params![batch_id, json],
                 )?;
+                tx.execute("DELETE FROM batch_bodies WHERE id = ?1", [batch_id])?;
             } else {
                 tx.execute(
                     "INSERT INTO batches (id, status, total, processed, result, created_at)
@@ -381,6 +484,10 @@ impl Store {
     }
 
     /// Store an async batch durably, leased to `owner` until `lease_until_ms`.
+    ///
+    /// The body goes in through SQLite's incremental blob I/O: binding it
+    /// as a value would make SQLite copy it once to bind and once more to
+    /// build the row, three copies of a batch of up to 64 MiB at once.
     pub fn enqueue_batch(
         &self,
         batch_id: &str,
@@ -390,18 +497,30 @@ impl Store {
         lease_until_ms: i64,
     ) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            conn.execute(
-                "INSERT INTO batches (id, status, total, processed, body, lease_owner, lease_until, created_at)
-                 VALUES (?1, 'processing', ?2, 0, ?3, ?4, ?5, ?6)",
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO batches (id, status, total, processed, lease_owner, lease_until, created_at)
+                 VALUES (?1, 'processing', ?2, 0, ?3, ?4, ?5)",
                 params![
                     batch_id,
                     total as i64,
-                    body,
                     owner,
                     lease_until_ms,
                     crate::payment::now_rfc3339()
                 ],
             )?;
+            tx.execute(
+                "INSERT INTO batch_bodies (id, body) VALUES (?1, zeroblob(?2))",
+                params![batch_id, body.len() as i64],
+            )?;
+            let row = tx.last_insert_rowid();
+            {
+                use std::io::Write;
+                let mut blob = tx.blob_open("main", "batch_bodies", "body", row, false)?;
+                blob.write_all(body)
+                    .map_err(|e| StoreError::Task(format!("writing the batch body: {e}")))?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
@@ -445,17 +564,39 @@ impl Store {
         })
     }
 
-    /// The stored body of an unfinished batch.
+    /// The stored body of an unfinished batch, read straight into one
+    /// buffer of its size (a plain `SELECT` would hold it twice).
     pub fn batch_body(&self, batch_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_conn(|conn| {
-            Ok(conn
+            let tx = conn.transaction()?;
+            let found: Option<(i64, Option<i64>)> = tx
                 .query_row(
-                    "SELECT body FROM batches WHERE id = ?1 AND status = 'processing'",
+                    "SELECT b.rowid, length(b.body) FROM batch_bodies b JOIN batches j ON j.id = b.id
+                     WHERE b.id = ?1 AND j.status = 'processing'",
                     [batch_id],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-                .optional()?
-                .flatten())
+                .optional()?;
+            let Some((row, Some(len))) = found else {
+                // A batch stored by an earlier version keeps its body in
+                // `batches`.
+                return Ok(tx
+                    .query_row(
+                        "SELECT body FROM batches WHERE id = ?1 AND status = 'processing'",
+                        [batch_id],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .flatten());
+            };
+            let mut body = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            {
+                use std::io::Read;
+                let mut blob = tx.blob_open("main", "batch_bodies", "body", row, true)?;
+                blob.read_exact(&mut body)
+                    .map_err(|e| StoreError::Task(format!("reading the batch body: {e}")))?;
+            }
+            Ok(Some(body))
         })
     }
 
