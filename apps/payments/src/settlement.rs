@@ -101,6 +101,16 @@ pub struct Checked<'a> {
 }
 
 impl<'a> Checked<'a> {
+    /// Data lines checked.
+    pub fn len(&self) -> usize {
+        self.lines
+    }
+
+    /// Whether no line was checked.
+    pub fn is_empty(&self) -> bool {
+        self.lines == 0
+    }
+
     /// Append the lines that follow (a later chunk's result).
     fn append(&mut self, next: Checked<'a>) {
         self.lines += next.lines;
