@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::merchants::{Merchants, MerchantsError};
+use crate::domain::merchants::{Merchants, MerchantsError};
 use crate::store::Synchronous;
 
 /// Default `--max-settlement-bytes`: 64 MiB.

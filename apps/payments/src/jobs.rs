@@ -12,16 +12,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::error::ApiError;
+use crate::compute::{Admission, HeavyError, Overloaded};
+use crate::domain::ids::new_batch_id;
+use crate::domain::settlement::{check_all, count_lines, split_header, BatchResult};
 use crate::events::Event;
-use crate::heavy::{Admission, HeavyError};
-use crate::settlement::{check_all, count_lines, new_batch_id, split_header, BatchResult};
 use crate::state::AppState;
 use crate::store::{now_ms, StoreError};
 
-/// Why a job did not finish here.
+/// Why a job was not stored or did not finish here.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// No room for more heavy work right now; nothing was stored.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -38,7 +41,7 @@ fn lease_until(state: &AppState) -> i64 {
 /// process, and start it. Admission comes first, so an overloaded process
 /// answers 503 before anything is stored; once stored, the job keeps its
 /// place and waits for a pool thread.
-pub async fn submit(state: &AppState, body: Bytes) -> Result<String, ApiError> {
+pub async fn submit(state: &AppState, body: Bytes) -> Result<String, JobError> {
     let admission = state.heavy().try_admit()?;
     let batch_id = new_batch_id();
     let st = state.clone();

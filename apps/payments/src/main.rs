@@ -66,7 +66,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // bad file or an unwritable directory is reported before any worker starts.
     let config = cli.serve.to_config()?;
     if !corral::Cluster::is_worker() {
-        payments::Store::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
+        payments::SqliteStore::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
     }
     let mut cluster = cli.cluster.builder().pool_queue(config.pool_queue);
     if let Some(threads) = cli.serve.pool_threads {

@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
+use crate::compute::thumbnail::DecodeBudget;
+use crate::compute::Heavy;
 use crate::config::Config;
+use crate::domain::ids::random_token;
+use crate::domain::merchants::Merchants;
 use crate::events::{Events, LocalEvents};
-use crate::heavy::Heavy;
-use crate::merchants::Merchants;
-use crate::store::{Store, StoreError};
-use crate::thumbnail::DecodeBudget;
+use crate::store::{SqliteStore, StoreError};
 
 /// Shared state of one worker. Cheap to clone.
 #[derive(Clone)]
@@ -18,7 +19,7 @@ pub struct AppState {
 struct Inner {
     config: Config,
     slot: usize,
-    store: Store,
+    store: SqliteStore,
     heavy: Heavy,
     decode_budget: DecodeBudget,
     events: Arc<dyn Events>,
@@ -55,13 +56,8 @@ impl AppState {
         heavy: Heavy,
         events: Arc<dyn Events>,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
-        let owner = format!(
-            "pid{}-slot{}-{}",
-            std::process::id(),
-            slot,
-            crate::payment::random_token(8)
-        );
+        let store = SqliteStore::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
+        let owner = format!("pid{}-slot{}-{}", std::process::id(), slot, random_token(8));
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,
@@ -86,7 +82,7 @@ impl AppState {
     }
 
     /// The database.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &SqliteStore {
         &self.inner.store
     }
 

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 /// The demo merchants file shipped inside the binary.
-pub const DEMO_MERCHANTS_TOML: &str = include_str!("../merchants.demo.toml");
+pub const DEMO_MERCHANTS_TOML: &str = include_str!("../../merchants.demo.toml");
 
 /// HMAC-SHA256, the settlement signature scheme.
 pub type HmacSha256 = Hmac<Sha256>;

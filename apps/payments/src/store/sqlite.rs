@@ -1,4 +1,5 @@
-//! The SQLite store shared by every worker process.
+//! The SQLite store shared by every worker process (the default, embedded
+//! store: `cargo run` needs nothing else).
 //!
 //! One database file in WAL mode; every process opens its own connections.
 //! Invariants that span requests (one payment per idempotency key, every
@@ -6,69 +7,26 @@
 //! `BEGIN IMMEDIATE` transactions, which SQLite serializes across processes;
 //! a busy timeout makes writers wait for each other instead of failing.
 //!
-//! All calls block: async code goes through [`Store::blocking`], which runs
+//! All calls block: async code goes through [`SqliteStore::blocking`], which runs
 //! them on tokio's blocking threads so the event loop never stalls.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::payment::{NewPayment, Payment};
-use crate::settlement::{merge, BatchResult, Checked};
+use super::{now_ms, BatchRow, CreateOutcome, StoreError};
+use crate::domain::ids::now_rfc3339;
+use crate::domain::payment::{NewPayment, Payment};
+use crate::domain::settlement::{merge, BatchResult, Checked};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "payments.sqlite3";
 
 /// Idle connections kept per process.
 const MAX_IDLE: usize = 8;
-
-/// A storage failure: at start-up one sentence naming the flag or file, the
-/// cause and the fix; while serving, a 500.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The data directory cannot be created or used.
-    #[error("--data-dir {}: cannot create the directory ({source}); pass a directory this user may create and write", dir.display())]
-    DataDir {
-        /// The directory.
-        dir: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A database file cannot be created, opened or given its mode.
-    #[error("--data-dir: cannot open the database file {} ({source}); make the data directory and its files readable and writable by this user, or pass another --data-dir", file.display())]
-    File {
-        /// The file.
-        file: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The database file holds something else.
-    #[error("--data-dir: {} is not a SQLite database; move that file away or pass another --data-dir", file.display())]
-    NotADatabase {
-        /// The file.
-        file: PathBuf,
-    },
-    /// SQLite refused to open or set up the database.
-    #[error("--data-dir: cannot set up the database {} ({source}); check that it is a payments database this user may write, or pass another --data-dir", file.display())]
-    Open {
-        /// The file.
-        file: PathBuf,
-        /// The cause.
-        source: rusqlite::Error,
-    },
-    /// SQLite said no.
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// A stored JSON document could not be (de)serialized.
-    #[error("stored json: {0}")]
-    Json(#[from] serde_json::Error),
-    /// The blocking task died.
-    #[error("blocking task: {0}")]
-    Task(String),
-}
 
 /// How hard SQLite flushes on commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -80,47 +38,20 @@ pub enum Synchronous {
     Full,
 }
 
-/// Outcome of an idempotent payment creation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CreateOutcome {
-    /// A new payment; the body is the 201 answer.
-    Created(Payment, Vec<u8>),
-    /// The key was used before with the same request: its first answer.
-    Replayed {
-        /// HTTP status of the first answer.
-        status: u16,
-        /// Its body, byte for byte.
-        body: Vec<u8>,
-    },
-    /// The key was used before with another request.
-    Conflict,
-}
-
-/// A batch as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchRow {
-    /// `processing` or `done`.
-    pub status: String,
-    /// Data lines in the batch.
-    pub total: u64,
-    /// Lines checked so far.
-    pub processed: u64,
-    /// The result JSON once done.
-    pub result: Option<String>,
-}
-
 /// A handle on the database. Cheap to clone; keeps a few idle connections.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     path: PathBuf,
     synchronous: Synchronous,
     busy_timeout: Duration,
     idle: Arc<Mutex<Vec<Connection>>>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -246,15 +177,7 @@ fn private_files(db: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-impl Store {
+impl SqliteStore {
     /// Open (creating if needed) the database in `data_dir`. A directory
     /// created here is 0700 and the database files are 0600, whatever the
     /// umask: they hold every merchant's payments.
@@ -266,7 +189,7 @@ impl Store {
         private_dir(data_dir)?;
         let path = data_dir.join(DB_FILE);
         private_files(&path)?;
-        let store = Store {
+        let store = SqliteStore {
             path,
             synchronous,
             busy_timeout,
@@ -348,7 +271,7 @@ impl Store {
     /// Run blocking store work off the event loop.
     pub async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
         T: Send + 'static,
     {
         let store = self.clone();
@@ -371,16 +294,16 @@ impl Store {
         let _writer = PAYMENT_WRITER.lock();
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let known: Option<(String, u16, Vec<u8>)> = tx
+            let known: Option<(String, Vec<u8>)> = tx
                 .query_row(
-                    "SELECT fingerprint, status, response FROM idempotency_keys WHERE key = ?1",
+                    "SELECT fingerprint, response FROM idempotency_keys WHERE key = ?1",
                     [key],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some((stored, status, body)) = known {
+            if let Some((stored, body)) = known {
                 return Ok(if stored == fingerprint {
-                    CreateOutcome::Replayed { status, body }
+                    CreateOutcome::Replayed(body)
                 } else {
                     CreateOutcome::Conflict
                 });
@@ -401,6 +324,8 @@ impl Store {
                     body
                 ],
             )?;
+            // Only creations are kept with a key; the `status` column
+            // (always 201) is there for databases made by earlier versions.
             tx.execute(
                 "INSERT INTO idempotency_keys (key, fingerprint, status, response, created_at)
                  VALUES (?1, ?2, 201, ?3, ?4)",
@@ -475,7 +400,7 @@ impl Store {
                 tx.execute(
                     "INSERT INTO batches (id, status, total, processed, result, created_at)
                      VALUES (?1, 'done', ?2, ?2, ?3, ?4)",
-                    params![batch_id, result.total as i64, json, crate::payment::now_rfc3339()],
+                    params![batch_id, result.total as i64, json, now_rfc3339()],
                 )?;
             }
             tx.commit()?;
@@ -506,7 +431,7 @@ impl Store {
                     total as i64,
                     owner,
                     lease_until_ms,
-                    crate::payment::now_rfc3339()
+                    now_rfc3339()
                 ],
             )?;
             tx.execute(

@@ -10,14 +10,20 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use axum::http::StatusCode;
 use hmac::Mac;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
-use crate::merchants::{feed, Merchants};
-use crate::payment::is_currency;
+use super::merchants::{feed, Merchants};
+use super::payment::is_currency;
+
+/// Why a whole batch was refused before any line was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SettlementError {
+    /// A missing or wrong header line, or an empty body.
+    #[error("the first line must be exactly `id,merchant_id,amount,currency,signature`")]
+    BadHeader,
+}
 
 /// The required first line.
 pub const HEADER: &str = "id,merchant_id,amount,currency,signature";
@@ -171,17 +177,8 @@ pub struct Chunk<'a> {
     pub bytes: &'a [u8],
 }
 
-/// 400 for a missing or wrong header line.
-pub fn bad_header() -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "bad_csv_header",
-        format!("the first line must be exactly `{HEADER}`"),
-    )
-}
-
 /// Check the header line and return the data lines after it.
-pub fn split_header(body: &[u8]) -> Result<&[u8], ApiError> {
+pub fn split_header(body: &[u8]) -> Result<&[u8], SettlementError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let (first, rest) = match body.iter().position(|&b| b == b'\n') {
         Some(i) => (&body[..i], &body[i + 1..]),
@@ -189,7 +186,7 @@ pub fn split_header(body: &[u8]) -> Result<&[u8], ApiError> {
     };
     let first = first.strip_suffix(b"\r").unwrap_or(first);
     if first != HEADER.as_bytes() {
-        return Err(bad_header());
+        return Err(SettlementError::BadHeader);
     }
     Ok(rest)
 }
@@ -419,15 +416,10 @@ pub fn merge<E>(
     })
 }
 
-/// A new batch id.
-pub fn new_batch_id() -> String {
-    format!("stl_{}", crate::payment::random_token(24))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merchants::sign_line;
+    use crate::domain::merchants::sign_line;
 
     fn signed(id: &str, m: &str, amount: &str, cur: &str) -> String {
         let merchants = Merchants::demo();

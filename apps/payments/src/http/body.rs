@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
-use crate::error::ApiError;
+use super::error::ApiError;
 
 /// After a body without a `Content-Length` grows past its limit, read and
 /// discard at most this much more of it, so the client (still sending) gets
@@ -45,13 +45,7 @@ pub async fn read_limited(
     let mut body = body;
     let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "body_read_failed",
-                format!("could not read the request body: {e}"),
-            )
-        })?;
+        let frame = frame.map_err(ApiError::body_read_failed)?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 drain(body, DRAIN_LIMIT).await;
