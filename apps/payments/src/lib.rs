@@ -48,4 +48,4 @@ pub use events::{Event, Events, LocalEvents};
 pub use http::error::ApiError;
 pub use http::router;
 pub use state::AppState;
-pub use store::{SqliteStore, StoreError, Synchronous};
+pub use store::{Database, PgStore, SqliteStore, Store, StoreError, StoreHandle, Synchronous};

@@ -66,7 +66,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     // bad file or an unwritable directory is reported before any worker starts.
     let config = cli.serve.to_config()?;
     if !corral::Cluster::is_worker() {
-        payments::SqliteStore::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
+        payments::store::open(
+            &config.database,
+            &config.data_dir,
+            config.synchronous,
+            config.busy_timeout,
+        )?;
     }
     let mut cluster = cli.cluster.builder().pool_queue(config.pool_queue);
     if let Some(threads) = cli.serve.pool_threads {

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::domain::ids::random_token;
 use crate::domain::merchants::Merchants;
 use crate::events::{Events, LocalEvents};
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{StoreError, StoreHandle};
 
 /// Shared state of one worker. Cheap to clone.
 #[derive(Clone)]
@@ -19,7 +19,7 @@ pub struct AppState {
 struct Inner {
     config: Config,
     slot: usize,
-    store: SqliteStore,
+    store: StoreHandle,
     heavy: Heavy,
     decode_budget: DecodeBudget,
     events: Arc<dyn Events>,
@@ -56,7 +56,12 @@ impl AppState {
         heavy: Heavy,
         events: Arc<dyn Events>,
     ) -> Result<Self, StoreError> {
-        let store = SqliteStore::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
+        let store = crate::store::open(
+            &config.database,
+            &config.data_dir,
+            config.synchronous,
+            config.busy_timeout,
+        )?;
         let owner = format!("pid{}-slot{}-{}", std::process::id(), slot, random_token(8));
         Ok(AppState {
             inner: Arc::new(Inner {
@@ -82,7 +87,7 @@ impl AppState {
     }
 
     /// The database.
-    pub fn store(&self) -> &SqliteStore {
+    pub fn store(&self) -> &StoreHandle {
         &self.inner.store
     }
 

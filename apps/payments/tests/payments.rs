@@ -302,6 +302,7 @@ async fn racing_across_two_processes_sharing_the_database() {
 
 #[test]
 fn store_level_race_on_separate_connections() {
+    use payments::Store as _;
     let dir = data_dir();
     let req = payments::domain::payment::NewPayment {
         merchant_id: "acme".into(),

@@ -164,3 +164,36 @@ fn a_missing_merchants_file_and_a_duplicate_merchant() {
     assert!(err.contains(arg(&twice)), "{err}");
     assert!(err.contains("\"a\" appears twice"), "{err}");
 }
+
+#[test]
+fn a_database_flag_that_is_not_postgres_or_cannot_connect() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let err = refuses(
+        &[
+            "--data-dir",
+            arg(&data),
+            "--database",
+            "mysql://root@127.0.0.1/x",
+        ],
+        None,
+    );
+    assert!(err.contains("--database mysql://root@127.0.0.1/x"), "{err}");
+    assert!(err.contains("postgres://"), "{err}");
+
+    // Nothing listens on port 1; the password never shows.
+    let err = refuses(
+        &[
+            "--data-dir",
+            arg(&data),
+            "--database",
+            "postgres://corral:hunter2@127.0.0.1:1/corral_test",
+        ],
+        None,
+    );
+    assert!(
+        err.contains("--database postgres://corral:***@127.0.0.1:1/corral_test"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}

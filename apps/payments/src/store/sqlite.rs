@@ -7,7 +7,7 @@
 //! `BEGIN IMMEDIATE` transactions, which SQLite serializes across processes;
 //! a busy timeout makes writers wait for each other instead of failing.
 //!
-//! All calls block: async code goes through [`SqliteStore::blocking`], which runs
+//! All calls block: async code goes through [`super::StoreHandle::blocking`], which runs
 //! them on tokio's blocking threads so the event loop never stalls.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{now_ms, BatchRow, CreateOutcome, StoreError};
+use super::{now_ms, BatchRow, CreateOutcome, Store, StoreError};
 use crate::domain::ids::now_rfc3339;
 use crate::domain::payment::{NewPayment, Payment};
 use crate::domain::settlement::{merge, BatchResult, Checked};
@@ -267,23 +267,13 @@ impl SqliteStore {
         }
         out
     }
+}
 
-    /// Run blocking store work off the event loop.
-    pub async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
-    }
-
+impl Store for SqliteStore {
     /// Create a payment for `key`, or replay / refuse when the key is known.
     /// The lookup and the insert are one write transaction, so racing requests
     /// with one key (in any process) produce exactly one payment.
-    pub fn create_payment(&self, key: &str, req: &NewPayment) -> Result<CreateOutcome, StoreError> {
+    fn create_payment(&self, key: &str, req: &NewPayment) -> Result<CreateOutcome, StoreError> {
         let fingerprint = req.fingerprint();
         // Writers of this process queue here rather than in SQLite: a writer
         // that finds the file locked sleeps in SQLite's busy handler (up to
@@ -337,7 +327,7 @@ impl SqliteStore {
     }
 
     /// The stored JSON of a payment.
-    pub fn payment_json(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    fn payment_json(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_conn(|conn| {
             Ok(conn
                 .query_row("SELECT body FROM payments WHERE id = ?1", [id], |r| {
@@ -348,7 +338,7 @@ impl SqliteStore {
     }
 
     /// Number of payments stored (for tests and diagnostics).
-    pub fn payment_count(&self) -> Result<u64, StoreError> {
+    fn payment_count(&self) -> Result<u64, StoreError> {
         self.with_conn(|conn| {
             Ok(conn.query_row("SELECT count(*) FROM payments", [], |r| r.get::<_, i64>(0))? as u64)
         })
@@ -360,7 +350,7 @@ impl SqliteStore {
     /// With `owner = Some(o)` (stored job) the row must still be `processing`
     /// and leased to `o`; otherwise another process took the job over (or
     /// finished it) and `Ok(None)` is returned with nothing written.
-    pub fn settle(
+    fn settle(
         &self,
         batch_id: &str,
         lines: &Checked<'_>,
@@ -413,7 +403,7 @@ impl SqliteStore {
     /// The body goes in through SQLite's incremental blob I/O: binding it
     /// as a value would make SQLite copy it once to bind and once more to
     /// build the row, three copies of a batch of up to 64 MiB at once.
-    pub fn enqueue_batch(
+    fn enqueue_batch(
         &self,
         batch_id: &str,
         body: &[u8],
@@ -452,11 +442,7 @@ impl SqliteStore {
 
     /// Take over every unfinished batch whose lease has run out; returns
     /// their ids. One statement, so two processes never claim the same job.
-    pub fn claim_expired(
-        &self,
-        owner: &str,
-        lease_until_ms: i64,
-    ) -> Result<Vec<String>, StoreError> {
+    fn claim_expired(&self, owner: &str, lease_until_ms: i64) -> Result<Vec<String>, StoreError> {
         let now = now_ms();
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(
@@ -472,7 +458,7 @@ impl SqliteStore {
 
     /// Extend our lease and record progress. Returns false when the lease
     /// is no longer ours.
-    pub fn renew_lease(
+    fn renew_lease(
         &self,
         batch_id: &str,
         owner: &str,
@@ -491,7 +477,7 @@ impl SqliteStore {
 
     /// The stored body of an unfinished batch, read straight into one
     /// buffer of its size (a plain `SELECT` would hold it twice).
-    pub fn batch_body(&self, batch_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    fn batch_body(&self, batch_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_conn(|conn| {
             let tx = conn.transaction()?;
             let found: Option<(i64, Option<i64>)> = tx
@@ -526,7 +512,7 @@ impl SqliteStore {
     }
 
     /// A batch's status row.
-    pub fn batch(&self, batch_id: &str) -> Result<Option<BatchRow>, StoreError> {
+    fn batch(&self, batch_id: &str) -> Result<Option<BatchRow>, StoreError> {
         self.with_conn(|conn| {
             Ok(conn
                 .query_row(
@@ -546,7 +532,7 @@ impl SqliteStore {
     }
 
     /// How many ids are settled in all (for tests and diagnostics).
-    pub fn settled_count(&self) -> Result<u64, StoreError> {
+    fn settled_count(&self) -> Result<u64, StoreError> {
         self.with_conn(|conn| {
             Ok(conn.query_row("SELECT count(*) FROM settled", [], |r| r.get::<_, i64>(0))? as u64)
         })
