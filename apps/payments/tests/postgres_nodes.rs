@@ -76,3 +76,77 @@ async fn a_payment_made_on_one_node_is_served_and_replayed_by_the_other() {
     // Nothing went to SQLite.
     assert!(!dir_a.path().join("payments.sqlite3").exists());
 }
+
+#[tokio::test]
+async fn an_async_batch_accepted_by_a_node_killed_at_once_is_finished_by_the_other() {
+    let Ok(url) = std::env::var("CORRAL_TEST_POSTGRES") else {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: an_async_batch_accepted_by_a_node_killed_at_once_is_finished_by_the_other (CORRAL_TEST_POSTGRES not set)"
+        );
+        return;
+    };
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut a = node("127.0.0.1", &url, dir_a.path());
+    let b = node("127.0.0.2", &url, dir_b.path());
+    let lines = 100_000;
+    let args = payments::gen::GenArgs {
+        lines,
+        merchants: None,
+        seed: 7,
+        bad_every: 0,
+        id_prefix: format!("takeover-{}", payments::domain::ids::random_token(10)),
+    };
+    let csv = payments::gen::generate_batch(&payments::Merchants::demo(), &args);
+    let c = reqwest::Client::new();
+    let accepted = c
+        .post(a.url("/v1/settlements?async=true"))
+        .header("content-type", "text/csv")
+        .body(csv)
+        .send()
+        .await
+        .expect("post on A");
+    assert_eq!(accepted.status(), 202);
+    let location = accepted.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    // A dies with the batch in hand (every process of it, at once).
+    a.kill_all();
+    let status = |v: &serde_json::Value| v["status"].as_str().unwrap_or("").to_owned();
+    let first: serde_json::Value = c
+        .get(b.url(&location))
+        .send()
+        .await
+        .expect("get on B")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status(&first), "processing", "A finished before it died");
+    // B's sweeper claims it once A's lease (15 s) has run out.
+    let started = std::time::Instant::now();
+    let done = loop {
+        let v: serde_json::Value = c
+            .get(b.url(&location))
+            .send()
+            .await
+            .expect("get on B")
+            .json()
+            .await
+            .expect("json");
+        if status(&v) == "done" {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not finished: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(done["accepted"], lines);
+    assert_eq!(done["rejected"], 0);
+}
