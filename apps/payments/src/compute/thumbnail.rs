@@ -121,8 +121,21 @@ pub struct Plan {
     pub cost: u64,
 }
 
-/// Check the header and decide how to decode: 415, 413 or 422 without
-/// decoding any pixel.
+/// Check the header and decide how to decode, without decoding any pixel.
+///
+/// ```
+/// use payments::compute::thumbnail::{make_thumbnail, plan, DecodeBudget};
+///
+/// let mut png = std::io::Cursor::new(Vec::new());
+/// image::DynamicImage::new_rgb16(1000, 500).write_to(&mut png, image::ImageFormat::Png)?;
+/// let plan = plan(png.get_ref())?;
+/// assert!(plan.streamed); // a non-interlaced PNG is decoded row by row
+/// let _held = DecodeBudget::default().try_reserve(&plan)?;
+/// let jpeg = make_thumbnail(png.get_ref(), &plan)?;
+/// let thumb = image::load_from_memory(&jpeg)?;
+/// assert_eq!((thumb.width(), thumb.height()), (256, 128));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn plan(body: &[u8]) -> Result<Plan, ThumbnailError> {
     let format = sniff(body)?;
     let (width, height) = check_dimensions(body, format)?;

@@ -325,6 +325,18 @@ pub fn parse_amount(s: &str) -> Option<i64> {
 
 /// Check all data lines, in parallel chunks. `on_progress(lines_done)` is
 /// called after each wave of chunks so callers can report progress.
+///
+/// ```
+/// use payments::settlement::{check_all, merge, split_header, Reason};
+/// use payments::Merchants;
+///
+/// let body = b"id,merchant_id,amount,currency,signature\nx\n";
+/// let checked = check_all(split_header(body)?, &Merchants::demo(), |_| {});
+/// let result = merge::<()>("stl_demo", &checked, |_| Ok(true)).unwrap();
+/// assert_eq!((result.total, result.rejected), (1, 1));
+/// assert_eq!(result.errors[0].reason, Reason::Malformed);
+/// # Ok::<(), payments::settlement::SettlementError>(())
+/// ```
 pub fn check_all<'a>(
     data: &'a [u8],
     merchants: &Merchants,

@@ -113,6 +113,23 @@ impl std::ops::Deref for StoreHandle {
 
 /// Open the store `database` selects: SQLite under `data_dir` with the
 /// given durability and lock wait, or Postgres.
+///
+/// ```
+/// use payments::domain::payment::NewPayment;
+/// use payments::store::{open, CreateOutcome, Database, Synchronous};
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = open(&Database::Sqlite, dir.path(), Synchronous::Normal, std::time::Duration::from_secs(5))?;
+/// let req = NewPayment {
+///     merchant_id: "acme".into(),
+///     amount: 100,
+///     currency: "EUR".into(),
+///     reference: "order 1".into(),
+/// };
+/// assert!(matches!(store.create_payment("key-1", &req)?, CreateOutcome::Created(..)));
+/// assert!(matches!(store.create_payment("key-1", &req)?, CreateOutcome::Replayed(_)));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn open(
     database: &Database,
     data_dir: &std::path::Path,
@@ -139,6 +156,14 @@ pub enum Database {
 impl Database {
     /// From the `--database` flag: absent is SQLite, else a
     /// `postgres://` or `postgresql://` URL.
+    ///
+    /// ```
+    /// use payments::store::Database;
+    /// assert_eq!(Database::from_flag(None).ok(), Some(Database::Sqlite));
+    /// assert!(Database::from_flag(Some("postgres://app@db:5432/pay")).is_ok());
+    /// let err = Database::from_flag(Some("mysql://u:secret@db/x")).unwrap_err();
+    /// assert!(err.to_string().starts_with("--database mysql://u:***@db/x: "));
+    /// ```
     pub fn from_flag(url: Option<&str>) -> Result<Self, StoreError> {
         match url {
             None => Ok(Database::Sqlite),

@@ -58,6 +58,13 @@ impl std::fmt::Debug for PgStore {
 
 impl PgStore {
     /// Connect to `url` and bring its schema up to date.
+    ///
+    /// ```no_run
+    /// use payments::Store;
+    /// let store = payments::PgStore::open("postgres://corral:corral@127.0.0.1:5432/corral_test")?;
+    /// println!("{} payments", store.payment_count()?);
+    /// # Ok::<(), payments::StoreError>(())
+    /// ```
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let store = PgStore {
             url: url.to_owned(),
@@ -242,14 +249,13 @@ impl Store for PgStore {
         owner: Option<&str>,
     ) -> Result<Option<BatchResult>, StoreError> {
         // The first valid line of each id is the one that may claim it.
-        let mut seen = HashSet::new();
+        let mut distinct: HashSet<&str> = HashSet::new();
         let candidates: Vec<&str> = lines
             .valid
             .iter()
             .map(|(_, r)| r.id)
-            .filter(|id| seen.insert(*id))
+            .filter(|id| distinct.insert(*id))
             .collect();
-        drop(seen);
         self.transaction(|tx| {
             if let Some(owner) = owner {
                 let ours = tx.query_opt(
@@ -260,14 +266,20 @@ impl Store for PgStore {
                     return Ok(None);
                 }
             }
-            let mut claimed: HashSet<String> = HashSet::new();
+            // Borrowed from the batch body, not copied: a batch of 64 MiB
+            // may claim close to a million ids.
+            let mut claimed: HashSet<&str> = HashSet::new();
             for ids in candidates.chunks(CLAIM_CHUNK) {
                 let rows = tx.query(
                     "INSERT INTO settled (id, batch_id) SELECT unnest($1::text[]), $2
                      ON CONFLICT (id) DO NOTHING RETURNING id",
                     &[&ids, &batch_id],
                 )?;
-                claimed.extend(rows.into_iter().map(|r| r.get::<_, String>(0)));
+                for row in rows {
+                    if let Some(id) = distinct.get(row.get::<_, &str>(0)) {
+                        claimed.insert(id);
+                    }
+                }
             }
             // merge asks once per id not yet accepted here: claimed ids
             // are accepted on their first line, the others refused on
