@@ -304,6 +304,40 @@ async fn a_16_bit_png_just_under_the_pixel_cap_stays_under_256_mib() {
     );
 }
 
+#[tokio::test]
+async fn a_jpeg_just_under_the_pixel_cap_decoded_whole_stays_under_256_mib() {
+    // JPEGs are decoded whole (150 MB at this size) under the decode budget.
+    let img = image::RgbImage::from_fn(7071, 7071, |x, y| {
+        image::Rgb([(x / 64) as u8, (y / 64) as u8, 90])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 50)
+        .encode_image(&img)
+        .expect("encode");
+    drop(img);
+    let jpeg = out.into_inner();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cluster = start_one(dir.path());
+    let pid = only_worker(&cluster);
+    reset_peak(pid);
+    let resp = client()
+        .post(cluster.url("/v1/documents/thumbnail"))
+        .body(jpeg.clone())
+        .send()
+        .await
+        .expect("thumbnail");
+    assert_eq!(resp.status(), 200);
+    let thumb = image::load_from_memory(&resp.bytes().await.expect("body")).expect("a JPEG");
+    assert_eq!((thumb.width(), thumb.height()), (256, 256));
+    let peak = peak_rss(pid);
+    eprintln!(
+        "JPEG 7071x7071 ({} KiB): worker peak {} MiB",
+        jpeg.len() / 1024,
+        peak / MIB
+    );
+    assert!(peak < 256 * MIB, "the worker peaked at {} MiB", peak / MIB);
+}
+
 /// Sends only the headers of a request announcing `length` body bytes and
 /// returns how long the answer took and the answer (read to the end of the
 /// connection).
