@@ -3,8 +3,19 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::merchants::{Merchants, MerchantsError};
-use crate::store::Synchronous;
+use crate::domain::merchants::{Merchants, MerchantsError};
+use crate::store::{Database, StoreError, Synchronous};
+
+/// Why the flags do not make a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--merchants`.
+    #[error(transparent)]
+    Merchants(#[from] MerchantsError),
+    /// `--database`.
+    #[error(transparent)]
+    Database(#[from] StoreError),
+}
 
 /// Default `--max-settlement-bytes`: 64 MiB.
 pub const DEFAULT_MAX_SETTLEMENT_BYTES: usize = 64 * 1024 * 1024;
@@ -17,6 +28,8 @@ pub const DEFAULT_MAX_DOCUMENT_BYTES: usize = 32 * 1024 * 1024;
 pub struct Config {
     /// Directory holding the SQLite database (shared by all workers).
     pub data_dir: PathBuf,
+    /// SQLite under `data_dir`, or a Postgres server shared by every node.
+    pub database: Database,
     /// Known merchants and their secrets.
     pub merchants: Merchants,
     /// Largest settlement CSV body.
@@ -43,6 +56,7 @@ impl Config {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Config {
             data_dir: data_dir.into(),
+            database: Database::Sqlite,
             merchants: Merchants::demo(),
             max_settlement_bytes: DEFAULT_MAX_SETTLEMENT_BYTES,
             max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
@@ -63,6 +77,10 @@ pub struct ServeArgs {
     /// Directory of the SQLite database.
     #[arg(long, default_value = "./data")]
     pub data_dir: PathBuf,
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DB` to keep everything in
+    /// Postgres, shared by every node; SQLite under --data-dir when absent.
+    #[arg(long, value_name = "URL")]
+    pub database: Option<String>,
     /// Merchants TOML file (`[[merchant]]` tables with `id` and `secret`);
     /// the embedded demo merchants when absent.
     #[arg(long)]
@@ -91,7 +109,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// Build the configuration (reads the merchants file).
-    pub fn to_config(&self) -> Result<Config, MerchantsError> {
+    pub fn to_config(&self) -> Result<Config, ConfigError> {
         let merchants = match &self.merchants {
             Some(path) => Merchants::load(path)?,
             None => Merchants::demo(),
@@ -100,6 +118,7 @@ impl ServeArgs {
             .map(|n| n.get())
             .unwrap_or(1);
         Ok(Config {
+            database: Database::from_flag(self.database.as_deref())?,
             merchants,
             max_settlement_bytes: self.max_settlement_bytes,
             max_document_bytes: self.max_document_bytes,

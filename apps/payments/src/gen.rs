@@ -5,8 +5,8 @@ use std::fmt::Write as _;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::merchants::{sign_line, Merchants};
-use crate::settlement::HEADER;
+use crate::domain::merchants::{sign_line, Merchants};
+use crate::domain::settlement::HEADER;
 
 /// What to generate.
 #[derive(Debug, Clone, clap::Args)]

@@ -12,16 +12,19 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::error::ApiError;
+use crate::compute::{Admission, HeavyError, Overloaded};
+use crate::domain::ids::new_batch_id;
+use crate::domain::settlement::{check_all, count_lines, split_header, BatchResult};
 use crate::events::Event;
-use crate::heavy::{Admission, HeavyError};
-use crate::settlement::{check_all, count_lines, new_batch_id, split_header, BatchResult};
 use crate::state::AppState;
 use crate::store::{now_ms, StoreError};
 
-/// Why a job did not finish here.
+/// Why a job was not stored or did not finish here.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// No room for more heavy work right now; nothing was stored.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -38,11 +41,15 @@ fn lease_until(state: &AppState) -> i64 {
 /// process, and start it. Admission comes first, so an overloaded process
 /// answers 503 before anything is stored; once stored, the job keeps its
 /// place and waits for a pool thread.
-pub async fn submit(state: &AppState, body: Bytes) -> Result<String, ApiError> {
+pub async fn submit(state: &AppState, body: Bytes) -> Result<String, JobError> {
     let admission = state.heavy().try_admit()?;
     let batch_id = new_batch_id();
     let st = state.clone();
     let id = batch_id.clone();
+    // The job runs from the body in hand (a cheap clone of the same bytes)
+    // rather than reading back the stored copy, which would hold the batch
+    // in memory twice more while the database hands it over.
+    let in_hand = body.clone();
     state
         .store()
         .blocking(move |store| {
@@ -53,7 +60,7 @@ pub async fn submit(state: &AppState, body: Bytes) -> Result<String, ApiError> {
     let st = state.clone();
     let id = batch_id.clone();
     tokio::spawn(async move {
-        if let Err(e) = run_with(&st, &id, Some(admission)).await {
+        if let Err(e) = run_with(&st, &id, Some(admission), Some(in_hand)).await {
             // The lease will run out and a sweeper will retry the job.
             tracing::warn!(batch_id = %id, error = %e, "settlement job failed; will be retried");
         }
@@ -64,13 +71,14 @@ pub async fn submit(state: &AppState, body: Bytes) -> Result<String, ApiError> {
 /// Run one job to completion. Returns `None` if the lease was lost (another
 /// process finishes it) or the job is already done.
 pub async fn run(state: &AppState, batch_id: &str) -> Result<Option<BatchResult>, JobError> {
-    run_with(state, batch_id, None).await
+    run_with(state, batch_id, None, None).await
 }
 
 async fn run_with(
     state: &AppState,
     batch_id: &str,
     admission: Option<Admission>,
+    body: Option<Bytes>,
 ) -> Result<Option<BatchResult>, JobError> {
     let renewer = {
         let st = state.clone();
@@ -95,7 +103,7 @@ async fn run_with(
             }
         })
     };
-    let outcome = run_inner(state, batch_id, admission).await;
+    let outcome = run_inner(state, batch_id, admission, body).await;
     renewer.abort();
     outcome
 }
@@ -104,10 +112,17 @@ async fn run_inner(
     state: &AppState,
     batch_id: &str,
     admission: Option<Admission>,
+    body: Option<Bytes>,
 ) -> Result<Option<BatchResult>, JobError> {
-    let id = batch_id.to_owned();
-    let Some(body) = state.store().blocking(move |s| s.batch_body(&id)).await? else {
-        return Ok(None);
+    let body = match body {
+        Some(body) => body,
+        None => {
+            let id = batch_id.to_owned();
+            match state.store().blocking(move |s| s.batch_body(&id)).await? {
+                Some(body) => Bytes::from(body),
+                None => return Ok(None),
+            }
+        }
     };
     let st = state.clone();
     let id = batch_id.to_owned();

@@ -9,6 +9,7 @@
 use clap::{Parser, Subcommand};
 
 use payments::gen::{generate_batch, GenArgs};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use payments::events::ClusterEvents;
@@ -37,7 +38,21 @@ enum Command {
     GenBatch(GenArgs),
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// Start-up errors are printed as their one-sentence Display (never Debug),
+/// with exit status 1.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let text = e.to_string();
+            let end = if text.ends_with('.') { "" } else { "." };
+            eprintln!("error: {text}{end}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cli = Cli::parse();
     if let Some(Command::GenBatch(args)) = cli.command {
         let merchants = match &args.merchants {
@@ -51,7 +66,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // bad file or an unwritable directory is reported before any worker starts.
     let config = cli.serve.to_config()?;
     if !corral::Cluster::is_worker() {
-        payments::Store::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
+        payments::store::open(
+            &config.database,
+            &config.data_dir,
+            config.synchronous,
+            config.busy_timeout,
+        )?;
     }
     let mut cluster = cli.cluster.builder().pool_queue(config.pool_queue);
     if let Some(threads) = cli.serve.pool_threads {
@@ -69,9 +89,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let state = AppState::with_parts(config, worker.slot(), heavy, events)
             .map_err(corral::BoxError::from)?;
         let _sweeper = payments::jobs::start_sweeper(&state);
-        let app = payments::router(state).layer(worker.track_requests());
-        axum::serve(worker.listener(), app)
-            .with_graceful_shutdown(worker.shutdown())
+        // Header and idle timeouts, the connection cap and request tracking
+        // come with corral's serve.
+        worker
+            .serve(payments::router(state))
             .await
             .map_err(corral::BoxError::from)
     })?;

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
+use crate::compute::thumbnail::DecodeBudget;
+use crate::compute::Heavy;
 use crate::config::Config;
+use crate::domain::ids::random_token;
+use crate::domain::merchants::Merchants;
 use crate::events::{Events, LocalEvents};
-use crate::heavy::Heavy;
-use crate::merchants::Merchants;
-use crate::store::{Store, StoreError};
+use crate::store::{StoreError, StoreHandle};
 
 /// Shared state of one worker. Cheap to clone.
 #[derive(Clone)]
@@ -17,8 +19,9 @@ pub struct AppState {
 struct Inner {
     config: Config,
     slot: usize,
-    store: Store,
+    store: StoreHandle,
     heavy: Heavy,
+    decode_budget: DecodeBudget,
     events: Arc<dyn Events>,
     /// Identifies this process as the holder of async batch leases.
     owner: String,
@@ -39,7 +42,8 @@ impl AppState {
     /// events (one process, e.g. tests). Opens (and if needed creates) the
     /// database.
     pub fn new(config: Config, slot: usize) -> Result<Self, StoreError> {
-        let heavy = Heavy::new(config.pool_threads, config.pool_queue)?
+        let heavy = Heavy::new(config.pool_threads, config.pool_queue)
+            .map_err(|e| StoreError::Task(format!("cannot start the CPU pool: {e}")))?
             .with_retry_after(config.retry_after_secs);
         Self::with_parts(config, slot, heavy, Arc::new(LocalEvents::default()))
     }
@@ -52,19 +56,20 @@ impl AppState {
         heavy: Heavy,
         events: Arc<dyn Events>,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(&config.data_dir, config.synchronous, config.busy_timeout)?;
-        let owner = format!(
-            "pid{}-slot{}-{}",
-            std::process::id(),
-            slot,
-            crate::payment::random_token(8)
-        );
+        let store = crate::store::open(
+            &config.database,
+            &config.data_dir,
+            config.synchronous,
+            config.busy_timeout,
+        )?;
+        let owner = format!("pid{}-slot{}-{}", std::process::id(), slot, random_token(8));
         Ok(AppState {
             inner: Arc::new(Inner {
                 config,
                 slot,
                 store,
                 heavy,
+                decode_budget: DecodeBudget::default(),
                 events,
                 owner,
             }),
@@ -82,13 +87,18 @@ impl AppState {
     }
 
     /// The database.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &StoreHandle {
         &self.inner.store
     }
 
     /// The CPU-heavy work runner.
     pub fn heavy(&self) -> &Heavy {
         &self.inner.heavy
+    }
+
+    /// The memory this worker's image decodes share.
+    pub fn decode_budget(&self) -> &DecodeBudget {
+        &self.inner.decode_budget
     }
 
     /// The event sink.

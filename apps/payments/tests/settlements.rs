@@ -583,8 +583,9 @@ async fn stored_job_is_recovered_by_a_fresh_state() {
 
 #[test]
 fn a_former_owner_cannot_commit_after_losing_the_lease() {
+    use payments::Store as _;
     let dir = data_dir();
-    let store = payments::Store::open(
+    let store = payments::SqliteStore::open(
         dir.path(),
         payments::Synchronous::Full,
         Duration::from_secs(30),

@@ -45,6 +45,21 @@ const WORKER_ONLY: &[(&str, &str, &str)] = &[
         "proxy-protocol",
         "the program reads its connections itself, PROXY header included",
     ),
+    (
+        "header_timeout",
+        "header-timeout",
+        "the program reads its requests itself; set its own header timeout",
+    ),
+    (
+        "idle_timeout",
+        "idle-timeout",
+        "the program keeps its own connections; set its own keep-alive timeout",
+    ),
+    (
+        "max_connections",
+        "max-connections",
+        "the program accepts its own connections; set its own connection limit",
+    ),
 ];
 
 /// `corral run --help` lists only the flags that apply.

@@ -14,6 +14,8 @@ use std::time::Duration;
 /// the wait for the `listening on` line, it is not an expected duration.
 const START_LIMIT: Duration = Duration::from_secs(120);
 
+// Not every test binary uses all of them.
+#[allow(unused_imports)]
 pub use corral_testkit::{group_members, wait_until, Cluster};
 
 /// `payments --listen 127.0.0.1:0 --workers 2 --data-dir DIR EXTRA...`,

@@ -11,9 +11,6 @@ use super::balancer::Balancer;
 use crate::net::fd_passing::{ConnectionSender, PassedConnection, PassedHeader};
 use crate::net::proxy_protocol;
 
-/// How long a client may take to send its PROXY protocol header.
-const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Accepts on one address and hands every connection to the balancer,
 /// reading its PROXY protocol header first when asked to.
 pub(crate) async fn accept_and_pass(
@@ -21,6 +18,8 @@ pub(crate) async fn accept_and_pass(
     listener: tokio::net::TcpListener,
     balancer: Arc<Mutex<Balancer>>,
     proxy_protocol: bool,
+    // How long a client may take to send its PROXY header (--header-timeout).
+    header_timeout: Duration,
 ) {
     loop {
         let (mut stream, peer) = match listener.accept().await {
@@ -45,7 +44,7 @@ pub(crate) async fn accept_and_pass(
         }
         let balancer = balancer.clone();
         tokio::spawn(async move {
-            match proxy_protocol::read_header(&mut stream, PROXY_HEADER_TIMEOUT).await {
+            match proxy_protocol::read_header(&mut stream, header_timeout).await {
                 Ok(client) => route(&balancer, index, stream, client.unwrap_or(peer)),
                 Err(err) => tracing::debug!("closing connection from {peer}: {err}"),
             }

@@ -721,6 +721,7 @@ impl Executor {
                 listener,
                 balancer.clone(),
                 self.config.proxy_protocol,
+                self.config.header_timeout,
             )));
         }
         Ok(())

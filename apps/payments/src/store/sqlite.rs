@@ -1,4 +1,5 @@
-//! The SQLite store shared by every worker process.
+//! The SQLite store shared by every worker process (the default, embedded
+//! store: `cargo run` needs nothing else).
 //!
 //! One database file in WAL mode; every process opens its own connections.
 //! Invariants that span requests (one payment per idempotency key, every
@@ -6,41 +7,26 @@
 //! `BEGIN IMMEDIATE` transactions, which SQLite serializes across processes;
 //! a busy timeout makes writers wait for each other instead of failing.
 //!
-//! All calls block: async code goes through [`Store::blocking`], which runs
+//! All calls block: async code goes through [`super::StoreHandle::blocking`], which runs
 //! them on tokio's blocking threads so the event loop never stalls.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::payment::{NewPayment, Payment};
-use crate::settlement::{merge, BatchResult, CheckedLine};
+use super::{now_ms, BatchRow, CreateOutcome, Store, StoreError};
+use crate::domain::ids::now_rfc3339;
+use crate::domain::payment::{NewPayment, Payment};
+use crate::domain::settlement::{merge, BatchResult, Checked};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "payments.sqlite3";
 
 /// Idle connections kept per process.
 const MAX_IDLE: usize = 8;
-
-/// A storage failure (always answered as 500).
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// SQLite said no.
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// Creating the data directory failed.
-    #[error("data directory: {0}")]
-    Io(#[from] std::io::Error),
-    /// A stored JSON document could not be (de)serialized.
-    #[error("stored json: {0}")]
-    Json(#[from] serde_json::Error),
-    /// The blocking task died.
-    #[error("blocking task: {0}")]
-    Task(String),
-}
 
 /// How hard SQLite flushes on commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -52,47 +38,20 @@ pub enum Synchronous {
     Full,
 }
 
-/// Outcome of an idempotent payment creation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CreateOutcome {
-    /// A new payment; the body is the 201 answer.
-    Created(Payment, Vec<u8>),
-    /// The key was used before with the same request: its first answer.
-    Replayed {
-        /// HTTP status of the first answer.
-        status: u16,
-        /// Its body, byte for byte.
-        body: Vec<u8>,
-    },
-    /// The key was used before with another request.
-    Conflict,
-}
-
-/// A batch as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchRow {
-    /// `processing` or `done`.
-    pub status: String,
-    /// Data lines in the batch.
-    pub total: u64,
-    /// Lines checked so far.
-    pub processed: u64,
-    /// The result JSON once done.
-    pub result: Option<String>,
-}
-
 /// A handle on the database. Cheap to clone; keeps a few idle connections.
 #[derive(Clone)]
-pub struct Store {
+pub struct SqliteStore {
     path: PathBuf,
     synchronous: Synchronous,
     busy_timeout: Duration,
     idle: Arc<Mutex<Vec<Connection>>>,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -130,6 +89,13 @@ CREATE TABLE IF NOT EXISTS batches (
     created_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_pending ON batches(status, lease_until);
+-- Bodies of unfinished async batches, apart from `batches.body` (kept for
+-- databases made by earlier versions): as the row's last column, the
+-- zeroblob the body is written into is never expanded in memory.
+CREATE TABLE IF NOT EXISTS batch_bodies (
+    id TEXT PRIMARY KEY,
+    body BLOB NOT NULL
+);
 ";
 
 /// Serializes this process's payment transactions (see `create_payment`).
@@ -162,34 +128,89 @@ fn wait_for_writer(attempt: i32) -> bool {
     true
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// Create `dir` (and missing parents) as 0700; an existing directory is
+/// left as it is (it may be the user's own, e.g. `.`).
+fn private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let failed = |source| StoreError::DataDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    // The mode given to mkdir is cut by the umask; set it outright.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(failed)
 }
 
-impl Store {
-    /// Open (creating if needed) the database in `data_dir`.
+/// Create the database file as 0600 before SQLite does (SQLite would use
+/// 0644 minus the umask, and gives its -wal and -shm files the main file's
+/// mode), and tighten files left by older versions.
+fn private_files(db: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |file: &Path| {
+        let file = file.to_owned();
+        move |source| StoreError::File { file, source }
+    };
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(db)
+        .map_err(failed(db))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        if suffix.is_empty() || file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(failed(&file))?;
+        }
+    }
+    Ok(())
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database in `data_dir`. A directory
+    /// created here is 0700 and the database files are 0600, whatever the
+    /// umask: they hold every merchant's payments.
     pub fn open(
         data_dir: &Path,
         synchronous: Synchronous,
         busy_timeout: Duration,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)?;
-        let store = Store {
-            path: data_dir.join(DB_FILE),
+        private_dir(data_dir)?;
+        let path = data_dir.join(DB_FILE);
+        private_files(&path)?;
+        let store = SqliteStore {
+            path,
             synchronous,
             busy_timeout,
             idle: Arc::new(Mutex::new(Vec::new())),
         };
-        let mut conn = store.connect()?;
-        // Several processes may start at once: the schema is created inside a
-        // write transaction so they take turns.
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(SCHEMA)?;
-        tx.commit()?;
+        let setup = || -> Result<Connection, rusqlite::Error> {
+            let mut conn = store.connect_sqlite()?;
+            // Several processes may start at once: the schema is created
+            // inside a write transaction so they take turns.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(SCHEMA)?;
+            tx.commit()?;
+            Ok(conn)
+        };
+        let conn = setup().map_err(|source| {
+            let file = store.path.clone();
+            match source.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::NotADatabase) => StoreError::NotADatabase { file },
+                _ => StoreError::Open { file, source },
+            }
+        })?;
         store.put_back(conn);
         Ok(store)
     }
@@ -200,6 +221,10 @@ impl Store {
     }
 
     fn connect(&self) -> Result<Connection, StoreError> {
+        Ok(self.connect_sqlite()?)
+    }
+
+    fn connect_sqlite(&self) -> Result<Connection, rusqlite::Error> {
         let conn = Connection::open(&self.path)?;
         BUSY_BUDGET_MS.store(
             u64::try_from(self.busy_timeout.as_millis()).unwrap_or(u64::MAX),
@@ -242,23 +267,13 @@ impl Store {
         }
         out
     }
+}
 
-    /// Run blocking store work off the event loop.
-    pub async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
-    {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
-    }
-
+impl Store for SqliteStore {
     /// Create a payment for `key`, or replay / refuse when the key is known.
     /// The lookup and the insert are one write transaction, so racing requests
     /// with one key (in any process) produce exactly one payment.
-    pub fn create_payment(&self, key: &str, req: &NewPayment) -> Result<CreateOutcome, StoreError> {
+    fn create_payment(&self, key: &str, req: &NewPayment) -> Result<CreateOutcome, StoreError> {
         let fingerprint = req.fingerprint();
         // Writers of this process queue here rather than in SQLite: a writer
         // that finds the file locked sleeps in SQLite's busy handler (up to
@@ -269,16 +284,16 @@ impl Store {
         let _writer = PAYMENT_WRITER.lock();
         self.with_conn(|conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let known: Option<(String, u16, Vec<u8>)> = tx
+            let known: Option<(String, Vec<u8>)> = tx
                 .query_row(
-                    "SELECT fingerprint, status, response FROM idempotency_keys WHERE key = ?1",
+                    "SELECT fingerprint, response FROM idempotency_keys WHERE key = ?1",
                     [key],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some((stored, status, body)) = known {
+            if let Some((stored, body)) = known {
                 return Ok(if stored == fingerprint {
-                    CreateOutcome::Replayed { status, body }
+                    CreateOutcome::Replayed(body)
                 } else {
                     CreateOutcome::Conflict
                 });
@@ -299,6 +314,8 @@ impl Store {
                     body
                 ],
             )?;
+            // Only creations are kept with a key; the `status` column
+            // (always 201) is there for databases made by earlier versions.
             tx.execute(
                 "INSERT INTO idempotency_keys (key, fingerprint, status, response, created_at)
                  VALUES (?1, ?2, 201, ?3, ?4)",
@@ -310,7 +327,7 @@ impl Store {
     }
 
     /// The stored JSON of a payment.
-    pub fn payment_json(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    fn payment_json(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_conn(|conn| {
             Ok(conn
                 .query_row("SELECT body FROM payments WHERE id = ?1", [id], |r| {
@@ -321,7 +338,7 @@ impl Store {
     }
 
     /// Number of payments stored (for tests and diagnostics).
-    pub fn payment_count(&self) -> Result<u64, StoreError> {
+    fn payment_count(&self) -> Result<u64, StoreError> {
         self.with_conn(|conn| {
             Ok(conn.query_row("SELECT count(*) FROM payments", [], |r| r.get::<_, i64>(0))? as u64)
         })
@@ -333,10 +350,10 @@ impl Store {
     /// With `owner = Some(o)` (stored job) the row must still be `processing`
     /// and leased to `o`; otherwise another process took the job over (or
     /// finished it) and `Ok(None)` is returned with nothing written.
-    pub fn settle(
+    fn settle(
         &self,
         batch_id: &str,
-        lines: &[CheckedLine<'_>],
+        lines: &Checked<'_>,
         owner: Option<&str>,
     ) -> Result<Option<BatchResult>, StoreError> {
         self.with_conn(|conn| {
@@ -368,11 +385,12 @@ impl Store {
                          body = NULL, lease_owner = NULL WHERE id = ?1",
                     params![batch_id, json],
                 )?;
+                tx.execute("DELETE FROM batch_bodies WHERE id = ?1", [batch_id])?;
             } else {
                 tx.execute(
                     "INSERT INTO batches (id, status, total, processed, result, created_at)
                      VALUES (?1, 'done', ?2, ?2, ?3, ?4)",
-                    params![batch_id, result.total as i64, json, crate::payment::now_rfc3339()],
+                    params![batch_id, result.total as i64, json, now_rfc3339()],
                 )?;
             }
             tx.commit()?;
@@ -381,7 +399,11 @@ impl Store {
     }
 
     /// Store an async batch durably, leased to `owner` until `lease_until_ms`.
-    pub fn enqueue_batch(
+    ///
+    /// The body goes in through SQLite's incremental blob I/O: binding it
+    /// as a value would make SQLite copy it once to bind and once more to
+    /// build the row, three copies of a batch of up to 64 MiB at once.
+    fn enqueue_batch(
         &self,
         batch_id: &str,
         body: &[u8],
@@ -390,29 +412,37 @@ impl Store {
         lease_until_ms: i64,
     ) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            conn.execute(
-                "INSERT INTO batches (id, status, total, processed, body, lease_owner, lease_until, created_at)
-                 VALUES (?1, 'processing', ?2, 0, ?3, ?4, ?5, ?6)",
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO batches (id, status, total, processed, lease_owner, lease_until, created_at)
+                 VALUES (?1, 'processing', ?2, 0, ?3, ?4, ?5)",
                 params![
                     batch_id,
                     total as i64,
-                    body,
                     owner,
                     lease_until_ms,
-                    crate::payment::now_rfc3339()
+                    now_rfc3339()
                 ],
             )?;
+            tx.execute(
+                "INSERT INTO batch_bodies (id, body) VALUES (?1, zeroblob(?2))",
+                params![batch_id, body.len() as i64],
+            )?;
+            let row = tx.last_insert_rowid();
+            {
+                use std::io::Write;
+                let mut blob = tx.blob_open("main", "batch_bodies", "body", row, false)?;
+                blob.write_all(body)
+                    .map_err(|e| StoreError::Task(format!("writing the batch body: {e}")))?;
+            }
+            tx.commit()?;
             Ok(())
         })
     }
 
     /// Take over every unfinished batch whose lease has run out; returns
     /// their ids. One statement, so two processes never claim the same job.
-    pub fn claim_expired(
-        &self,
-        owner: &str,
-        lease_until_ms: i64,
-    ) -> Result<Vec<String>, StoreError> {
+    fn claim_expired(&self, owner: &str, lease_until_ms: i64) -> Result<Vec<String>, StoreError> {
         let now = now_ms();
         self.with_conn(|conn| {
             let mut stmt = conn.prepare(
@@ -428,7 +458,7 @@ impl Store {
 
     /// Extend our lease and record progress. Returns false when the lease
     /// is no longer ours.
-    pub fn renew_lease(
+    fn renew_lease(
         &self,
         batch_id: &str,
         owner: &str,
@@ -445,22 +475,44 @@ impl Store {
         })
     }
 
-    /// The stored body of an unfinished batch.
-    pub fn batch_body(&self, batch_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    /// The stored body of an unfinished batch, read straight into one
+    /// buffer of its size (a plain `SELECT` would hold it twice).
+    fn batch_body(&self, batch_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.with_conn(|conn| {
-            Ok(conn
+            let tx = conn.transaction()?;
+            let found: Option<(i64, Option<i64>)> = tx
                 .query_row(
-                    "SELECT body FROM batches WHERE id = ?1 AND status = 'processing'",
+                    "SELECT b.rowid, length(b.body) FROM batch_bodies b JOIN batches j ON j.id = b.id
+                     WHERE b.id = ?1 AND j.status = 'processing'",
                     [batch_id],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
-                .optional()?
-                .flatten())
+                .optional()?;
+            let Some((row, Some(len))) = found else {
+                // A batch stored by an earlier version keeps its body in
+                // `batches`.
+                return Ok(tx
+                    .query_row(
+                        "SELECT body FROM batches WHERE id = ?1 AND status = 'processing'",
+                        [batch_id],
+                        |r| r.get(0),
+                    )
+                    .optional()?
+                    .flatten());
+            };
+            let mut body = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            {
+                use std::io::Read;
+                let mut blob = tx.blob_open("main", "batch_bodies", "body", row, true)?;
+                blob.read_exact(&mut body)
+                    .map_err(|e| StoreError::Task(format!("reading the batch body: {e}")))?;
+            }
+            Ok(Some(body))
         })
     }
 
     /// A batch's status row.
-    pub fn batch(&self, batch_id: &str) -> Result<Option<BatchRow>, StoreError> {
+    fn batch(&self, batch_id: &str) -> Result<Option<BatchRow>, StoreError> {
         self.with_conn(|conn| {
             Ok(conn
                 .query_row(
@@ -480,7 +532,7 @@ impl Store {
     }
 
     /// How many ids are settled in all (for tests and diagnostics).
-    pub fn settled_count(&self) -> Result<u64, StoreError> {
+    fn settled_count(&self) -> Result<u64, StoreError> {
         self.with_conn(|conn| {
             Ok(conn.query_row("SELECT count(*) FROM settled", [], |r| r.get::<_, i64>(0))? as u64)
         })

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 /// The demo merchants file shipped inside the binary.
-pub const DEMO_MERCHANTS_TOML: &str = include_str!("../merchants.demo.toml");
+pub const DEMO_MERCHANTS_TOML: &str = include_str!("../../merchants.demo.toml");
 
 /// HMAC-SHA256, the settlement signature scheme.
 pub type HmacSha256 = Hmac<Sha256>;
@@ -31,11 +31,14 @@ struct MerchantsFile {
     merchant: Vec<Merchant>,
 }
 
-/// Why a merchants file was refused.
+/// Why a merchants file was refused. Each message is one sentence naming
+/// the file (or flag), the cause and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum MerchantsError {
     /// The file could not be read.
-    #[error("cannot read merchants file {path}: {source}")]
+    #[error(
+        "--merchants {path}: cannot read the file ({source}); pass a readable merchants TOML file"
+    )]
     Read {
         /// The file.
         path: String,
@@ -43,11 +46,23 @@ pub enum MerchantsError {
         source: std::io::Error,
     },
     /// The TOML is invalid.
-    #[error("invalid merchants TOML: {0}")]
-    Parse(#[from] toml::de::Error),
+    #[error("{origin}: line {line}: {message}; fix the TOML (a list of [[merchant]] tables with id and secret strings)")]
+    Parse {
+        /// `--merchants FILE` or `the merchants TOML`.
+        origin: String,
+        /// 1-based line of the error.
+        line: usize,
+        /// The parser's explanation.
+        message: String,
+    },
     /// An id is empty or appears twice.
-    #[error("invalid merchants file: {0}")]
-    Invalid(String),
+    #[error("{origin}: {problem}; give every merchant its own non-empty id")]
+    Invalid {
+        /// `--merchants FILE` or `the merchants TOML`.
+        origin: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// The set of known merchants, with a ready HMAC key per merchant.
@@ -68,36 +83,58 @@ impl std::fmt::Debug for Merchants {
 impl Merchants {
     /// Parse a merchants TOML document.
     pub fn from_toml(text: &str) -> Result<Self, MerchantsError> {
-        let file: MerchantsFile = toml::from_str(text)?;
-        Self::from_list(file.merchant)
+        Self::parse(text, "the merchants TOML")
+    }
+
+    /// Parse `text`, naming it `origin` in errors.
+    fn parse(text: &str, origin: &str) -> Result<Self, MerchantsError> {
+        let file: MerchantsFile = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |span| span.start).min(text.len());
+            MerchantsError::Parse {
+                origin: origin.to_owned(),
+                line: text.as_bytes()[..at]
+                    .iter()
+                    .filter(|&&b| b == b'\n')
+                    .count()
+                    + 1,
+                message: e.message().trim_end_matches('.').to_owned(),
+            }
+        })?;
+        Self::from_list_named(file.merchant, origin)
     }
 
     /// Build from a list; ids must be non-empty and unique.
     pub fn from_list(list: Vec<Merchant>) -> Result<Self, MerchantsError> {
+        Self::from_list_named(list, "the merchants list")
+    }
+
+    fn from_list_named(list: Vec<Merchant>, origin: &str) -> Result<Self, MerchantsError> {
+        let invalid = |problem: String| MerchantsError::Invalid {
+            origin: origin.to_owned(),
+            problem,
+        };
         let mut by_id = HashMap::with_capacity(list.len());
         for m in list {
             if m.id.is_empty() {
-                return Err(MerchantsError::Invalid("empty merchant id".into()));
+                return Err(invalid("a merchant has an empty id".into()));
             }
             let mac = HmacSha256::new_from_slice(m.secret.as_bytes())
-                .map_err(|e| MerchantsError::Invalid(e.to_string()))?;
+                .map_err(|e| invalid(format!("merchant {:?} has an unusable secret: {e}", m.id)))?;
             let id = m.id.clone();
             if by_id.insert(id.clone(), (m, mac)).is_some() {
-                return Err(MerchantsError::Invalid(format!(
-                    "merchant id {id:?} appears twice"
-                )));
+                return Err(invalid(format!("merchant id {id:?} appears twice")));
             }
         }
         Ok(Merchants { by_id })
     }
 
-    /// Read a merchants file.
+    /// Read a merchants file (the `--merchants` flag).
     pub fn load(path: &Path) -> Result<Self, MerchantsError> {
         let text = std::fs::read_to_string(path).map_err(|source| MerchantsError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text)
+        Self::parse(&text, &format!("--merchants {}", path.display()))
     }
 
     /// The embedded demo merchants.
@@ -186,6 +223,20 @@ mod tests {
     fn duplicate_ids_are_refused() {
         let text = "[[merchant]]\nid='a'\nsecret='x'\n[[merchant]]\nid='a'\nsecret='y'\n";
         assert!(Merchants::from_toml(text).is_err());
+    }
+
+    #[test]
+    fn parse_errors_name_the_line() {
+        let text = "[[merchant]]\nid = 'a'\nsecret = ['x'\n";
+        let err = Merchants::from_toml(text).expect_err("refused");
+        assert!(
+            matches!(err, MerchantsError::Parse { line: 3, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("the merchants TOML: line 3: "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,14 +10,20 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use axum::http::StatusCode;
 use hmac::Mac;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
-use crate::merchants::{feed, Merchants};
-use crate::payment::is_currency;
+use super::merchants::{feed, Merchants};
+use super::payment::is_currency;
+
+/// Why a whole batch was refused before any line was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SettlementError {
+    /// A missing or wrong header line, or an empty body.
+    #[error("the first line must be exactly `id,merchant_id,amount,currency,signature`")]
+    BadHeader,
+}
 
 /// The required first line.
 pub const HEADER: &str = "id,merchant_id,amount,currency,signature";
@@ -71,13 +77,54 @@ pub enum LineCheck<'a> {
     },
 }
 
-/// One checked line with its physical 1-based line number (header is 1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckedLine<'a> {
-    /// Physical line number.
+/// A line rejected by the checks that need only the line itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection<'a> {
+    /// Physical 1-based line number (the header is 1).
     pub line: usize,
-    /// Outcome.
-    pub check: LineCheck<'a>,
+    /// The id field as written, if any.
+    pub id: Option<&'a str>,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// Checked lines in a compact form: what the merge needs and nothing per
+/// line beyond it. A valid line is at least 75 bytes of body, so keeping
+/// its record costs less than the body did; rejected lines (which can be
+/// one byte each) are kept only while they can still be among the first
+/// [`MAX_ERRORS`], and otherwise only counted. This keeps a batch's memory
+/// within a small multiple of its body whatever its lines look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked<'a> {
+    /// Data lines checked.
+    pub lines: usize,
+    /// Valid lines with their line numbers, in line order.
+    pub valid: Vec<(usize, Record<'a>)>,
+    /// The first [`MAX_ERRORS`] rejected lines, in line order.
+    pub rejected: Vec<Rejection<'a>>,
+    /// All rejected lines, listed or not.
+    pub rejected_count: usize,
+}
+
+impl<'a> Checked<'a> {
+    /// Data lines checked.
+    pub fn len(&self) -> usize {
+        self.lines
+    }
+
+    /// Whether no line was checked.
+    pub fn is_empty(&self) -> bool {
+        self.lines == 0
+    }
+
+    /// Append the lines that follow (a later chunk's result).
+    fn append(&mut self, next: Checked<'a>) {
+        self.lines += next.lines;
+        self.valid.extend(next.valid);
+        let room = MAX_ERRORS.saturating_sub(self.rejected.len());
+        self.rejected.extend(next.rejected.into_iter().take(room));
+        self.rejected_count += next.rejected_count;
+    }
 }
 
 /// One rejected line in a result.
@@ -130,17 +177,8 @@ pub struct Chunk<'a> {
     pub bytes: &'a [u8],
 }
 
-/// 400 for a missing or wrong header line.
-pub fn bad_header() -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "bad_csv_header",
-        format!("the first line must be exactly `{HEADER}`"),
-    )
-}
-
 /// Check the header line and return the data lines after it.
-pub fn split_header(body: &[u8]) -> Result<&[u8], ApiError> {
+pub fn split_header(body: &[u8]) -> Result<&[u8], SettlementError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let (first, rest) = match body.iter().position(|&b| b == b'\n') {
         Some(i) => (&body[..i], &body[i + 1..]),
@@ -148,7 +186,7 @@ pub fn split_header(body: &[u8]) -> Result<&[u8], ApiError> {
     };
     let first = first.strip_suffix(b"\r").unwrap_or(first);
     if first != HEADER.as_bytes() {
-        return Err(bad_header());
+        return Err(SettlementError::BadHeader);
     }
     Ok(rest)
 }
@@ -191,19 +229,26 @@ pub fn split_chunks(data: &[u8], target: usize) -> Vec<Chunk<'_>> {
 }
 
 /// Check every line of a chunk on its own.
-pub fn check_chunk<'a>(chunk: &Chunk<'a>, merchants: &Merchants) -> Vec<CheckedLine<'a>> {
+pub fn check_chunk<'a>(chunk: &Chunk<'a>, merchants: &Merchants) -> Checked<'a> {
     let mut bytes = chunk.bytes;
     if let Some(stripped) = bytes.strip_suffix(b"\n") {
         bytes = stripped;
     }
-    bytes
-        .split(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, raw)| CheckedLine {
-            line: chunk.first_line + i,
-            check: check_line(raw, merchants),
-        })
-        .collect()
+    let mut out = Checked::default();
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line = chunk.first_line + i;
+        out.lines += 1;
+        match check_line(raw, merchants) {
+            LineCheck::Valid(record) => out.valid.push((line, record)),
+            LineCheck::Rejected { id, reason } => {
+                out.rejected_count += 1;
+                if out.rejected.len() < MAX_ERRORS {
+                    out.rejected.push(Rejection { line, id, reason });
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Check one line (without its `\n`; a trailing `\r` is accepted).
@@ -280,26 +325,38 @@ pub fn parse_amount(s: &str) -> Option<i64> {
 
 /// Check all data lines, in parallel chunks. `on_progress(lines_done)` is
 /// called after each wave of chunks so callers can report progress.
+///
+/// ```
+/// use payments::settlement::{check_all, merge, split_header, Reason};
+/// use payments::Merchants;
+///
+/// let body = b"id,merchant_id,amount,currency,signature\nx\n";
+/// let checked = check_all(split_header(body)?, &Merchants::demo(), |_| {});
+/// let result = merge::<()>("stl_demo", &checked, |_| Ok(true)).unwrap();
+/// assert_eq!((result.total, result.rejected), (1, 1));
+/// assert_eq!(result.errors[0].reason, Reason::Malformed);
+/// # Ok::<(), payments::settlement::SettlementError>(())
+/// ```
 pub fn check_all<'a>(
     data: &'a [u8],
     merchants: &Merchants,
     mut on_progress: impl FnMut(usize),
-) -> Vec<CheckedLine<'a>> {
+) -> Checked<'a> {
     let chunks = split_chunks(data, CHUNK_BYTES);
-    // A wave keeps every rayon thread busy while letting progress be reported.
+    // A wave keeps every rayon thread busy while letting progress be
+    // reported, and bounds the rejections held before they are cut to
+    // MAX_ERRORS to a few chunks' worth.
     let wave = rayon::current_num_threads().max(1) * 4;
-    let mut out = Vec::with_capacity(chunks.iter().map(|c| c.lines).sum());
-    let mut done = 0;
+    let mut out = Checked::default();
     for group in chunks.chunks(wave) {
-        let checked: Vec<Vec<CheckedLine<'a>>> = group
+        let checked: Vec<Checked<'a>> = group
             .par_iter()
             .map(|c| check_chunk(c, merchants))
             .collect();
         for part in checked {
-            done += part.len();
-            out.extend(part);
+            out.append(part);
         }
-        on_progress(done);
+        on_progress(out.lines);
     }
     out
 }
@@ -311,15 +368,17 @@ pub fn check_all<'a>(
 /// It is called for each valid line whose id this batch has not accepted yet.
 pub fn merge<E>(
     batch_id: &str,
-    lines: &[CheckedLine<'_>],
+    checked: &Checked<'_>,
     mut claim: impl FnMut(&Record<'_>) -> Result<bool, E>,
 ) -> Result<BatchResult, E> {
     let mut accepted_ids: HashSet<&str> = HashSet::new();
     let mut totals: BTreeMap<String, BTreeMap<String, Total>> = BTreeMap::new();
     let mut errors = Vec::new();
-    let mut rejected = 0;
-    let mut reject = |line: usize, id: Option<&str>, reason: Reason| {
-        rejected += 1;
+    // Rejections found here (duplicate, already settled); the checks'
+    // are all counted in `checked.rejected_count`.
+    let mut merge_rejected = 0;
+    let mut listed = checked.rejected.iter().peekable();
+    let push = |errors: &mut Vec<LineError>, line: usize, id: Option<&str>, reason| {
         if errors.len() < MAX_ERRORS {
             errors.push(LineError {
                 line,
@@ -328,34 +387,40 @@ pub fn merge<E>(
             });
         }
     };
-    for l in lines {
-        match &l.check {
-            LineCheck::Rejected { id, reason } => reject(l.line, *id, *reason),
-            LineCheck::Valid(rec) => {
-                // Only an accepted id makes later lines duplicates; a line
-                // rejected as already settled does not.
-                if accepted_ids.contains(rec.id) {
-                    reject(l.line, Some(rec.id), Reason::Duplicate);
-                } else if claim(rec)? {
-                    accepted_ids.insert(rec.id);
-                    let t = totals
-                        .entry(rec.merchant_id.to_owned())
-                        .or_default()
-                        .entry(rec.currency.to_owned())
-                        .or_default();
-                    t.count += 1;
-                    t.amount += rec.amount as u128;
-                } else {
-                    reject(l.line, Some(rec.id), Reason::AlreadySettled);
-                }
-            }
+    for (line, rec) in &checked.valid {
+        // Errors are listed in line order: first the checks' rejections
+        // that come before this line. Those not listed come after
+        // MAX_ERRORS listed ones, so they could not be listed anyway.
+        while let Some(r) = listed.next_if(|r| r.line < *line) {
+            push(&mut errors, r.line, r.id, r.reason);
+        }
+        // Only an accepted id makes later lines duplicates; a line
+        // rejected as already settled does not.
+        if accepted_ids.contains(rec.id) {
+            merge_rejected += 1;
+            push(&mut errors, *line, Some(rec.id), Reason::Duplicate);
+        } else if claim(rec)? {
+            accepted_ids.insert(rec.id);
+            let t = totals
+                .entry(rec.merchant_id.to_owned())
+                .or_default()
+                .entry(rec.currency.to_owned())
+                .or_default();
+            t.count += 1;
+            t.amount += rec.amount as u128;
+        } else {
+            merge_rejected += 1;
+            push(&mut errors, *line, Some(rec.id), Reason::AlreadySettled);
         }
     }
-    let accepted = accepted_ids.len();
+    for r in listed {
+        push(&mut errors, r.line, r.id, r.reason);
+    }
+    let rejected = checked.rejected_count + merge_rejected;
     Ok(BatchResult {
         batch_id: batch_id.to_owned(),
-        total: lines.len(),
-        accepted,
+        total: checked.lines,
+        accepted: accepted_ids.len(),
         rejected,
         totals,
         errors_truncated: rejected > MAX_ERRORS,
@@ -363,15 +428,10 @@ pub fn merge<E>(
     })
 }
 
-/// A new batch id.
-pub fn new_batch_id() -> String {
-    format!("stl_{}", crate::payment::random_token(24))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merchants::sign_line;
+    use crate::domain::merchants::sign_line;
 
     fn signed(id: &str, m: &str, amount: &str, cur: &str) -> String {
         let merchants = Merchants::demo();
@@ -470,6 +530,10 @@ mod tests {
         let good = signed("d", "acme", "1", "EUR");
         let data = format!("{bad}\n{good}\n{good}\n");
         let lines = check_all(data.as_bytes(), &m, |_| {});
+        assert_eq!(
+            (lines.lines, lines.valid.len(), lines.rejected_count),
+            (3, 2, 1)
+        );
         let r = merge::<()>("b", &lines, |_| Ok(true)).expect("merge");
         assert_eq!((r.accepted, r.rejected), (1, 2));
         assert_eq!(r.errors[0].reason, Reason::BadSignature);
@@ -480,5 +544,44 @@ mod tests {
         assert_eq!(r.accepted, 0);
         assert_eq!(r.errors[1].reason, Reason::AlreadySettled);
         assert_eq!(r.errors[2].reason, Reason::AlreadySettled);
+    }
+
+    #[test]
+    fn rejections_beyond_the_cap_are_counted_not_kept() {
+        let m = Merchants::demo();
+        let good = signed("late", "acme", "1", "EUR");
+        // More malformed lines than the cap, over several chunks and waves,
+        // then a valid line settled twice: its duplicate is counted too.
+        let mut data = "x\n".repeat(MAX_ERRORS + CHUNK_BYTES);
+        data.push_str(&format!("{good}\n{good}\n"));
+        let lines = check_all(data.as_bytes(), &m, |_| {});
+        assert_eq!(lines.rejected.len(), MAX_ERRORS);
+        assert_eq!(lines.rejected_count, MAX_ERRORS + CHUNK_BYTES);
+        let r = merge::<()>("b", &lines, |_| Ok(true)).expect("merge");
+        assert_eq!(r.total, MAX_ERRORS + CHUNK_BYTES + 2);
+        assert_eq!((r.accepted, r.rejected), (1, MAX_ERRORS + CHUNK_BYTES + 1));
+        assert!(r.errors_truncated);
+        assert_eq!(r.errors.len(), MAX_ERRORS);
+        assert!(r.errors.windows(2).all(|w| w[0].line < w[1].line));
+        assert_eq!(r.errors[MAX_ERRORS - 1].line, MAX_ERRORS + 1);
+    }
+
+    #[test]
+    fn errors_interleave_in_line_order() {
+        let m = Merchants::demo();
+        let good = signed("i", "acme", "1", "EUR");
+        let data = format!("x\n{good}\ny\n{good}\nz\n");
+        let lines = check_all(data.as_bytes(), &m, |_| {});
+        let r = merge::<()>("b", &lines, |_| Ok(true)).expect("merge");
+        let got: Vec<(usize, Reason)> = r.errors.iter().map(|e| (e.line, e.reason)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, Reason::Malformed),
+                (4, Reason::Malformed),
+                (5, Reason::Duplicate),
+                (6, Reason::Malformed)
+            ]
+        );
     }
 }

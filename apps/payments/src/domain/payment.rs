@@ -1,15 +1,54 @@
 //! Payments: request validation, the payment record, and the idempotency
 //! rules (what a key may be, what "the same request" means).
 //!
-//! Storage and the cross-process race are handled in [`crate::store`]; this
+//! Storage and the cross-process race are handled by the store; this
 //! module is pure so every rule can be tested on its own.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::ApiError;
-use crate::merchants::Merchants;
-use axum::http::StatusCode;
+use super::ids::{new_payment_id, now_rfc3339};
+use super::merchants::Merchants;
+
+/// Why a payment request was refused, in the order the checks run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PaymentError {
+    /// No `Idempotency-Key`, or an empty one.
+    #[error("the Idempotency-Key header is required")]
+    MissingKey,
+    /// A key that is not 1–255 visible ASCII characters.
+    #[error("Idempotency-Key must be 1 to 255 visible ASCII characters")]
+    InvalidKey,
+    /// The body is not JSON.
+    #[error("request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// JSON, but not an object.
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    /// One field is missing or wrong.
+    #[error("{message}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// `merchant_id` names no known merchant.
+    #[error("unknown merchant {0:?}")]
+    UnknownMerchant(String),
+    /// The key was used before with another request.
+    #[error("this Idempotency-Key was already used with a different request body")]
+    KeyReused,
+}
+
+impl PaymentError {
+    fn field(field: &'static str, message: impl Into<String>) -> Self {
+        PaymentError::InvalidField {
+            field,
+            message: message.into(),
+        }
+    }
+}
 
 /// Largest accepted `POST /v1/payments` body.
 pub const MAX_PAYMENT_BODY: usize = 1024 * 1024;
@@ -81,87 +120,47 @@ impl Payment {
     }
 }
 
-/// `pay_` + 24 random characters from a URL-safe alphabet.
-pub fn new_payment_id() -> String {
-    format!("pay_{}", random_token(24))
-}
-
-/// A random lower-case alphanumeric token.
-pub fn random_token(len: usize) -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut rng = rand::rng();
-    (0..len)
-        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-        .collect()
-}
-
-/// Current time, RFC 3339 in UTC with millisecond precision.
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
 /// Check an `Idempotency-Key` header value: 1–255 visible ASCII characters.
-/// Absent or empty → 400 `missing_idempotency_key`; otherwise bad → 400
-/// `invalid_idempotency_key`.
-pub fn check_idempotency_key(value: Option<&[u8]>) -> Result<String, ApiError> {
+/// Absent or empty is [`PaymentError::MissingKey`].
+pub fn check_idempotency_key(value: Option<&[u8]>) -> Result<String, PaymentError> {
     let bytes = match value {
-        None | Some(b"") => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "missing_idempotency_key",
-                "the Idempotency-Key header is required",
-            ))
-        }
+        None | Some(b"") => return Err(PaymentError::MissingKey),
         Some(b) => b,
     };
     let visible = bytes.iter().all(|b| (0x21..=0x7e).contains(b));
     if bytes.len() > MAX_IDEMPOTENCY_KEY || !visible {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_idempotency_key",
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
-        ));
+        return Err(PaymentError::InvalidKey);
     }
     // All bytes are ASCII, so this cannot fail.
     Ok(String::from_utf8_lossy(bytes).into_owned())
 }
 
-/// Parse and validate a payment body. Malformed JSON → 400; anything else
-/// wrong → 422 naming the field (checked in order: merchant_id, amount,
-/// currency, reference, then whether the merchant exists).
-pub fn parse_new_payment(body: &[u8], merchants: &Merchants) -> Result<NewPayment, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("request body is not valid JSON: {e}"),
-        )
-    })?;
+/// Parse and validate a payment body: malformed JSON first, then each
+/// field in order (merchant_id, amount, currency, reference), then whether
+/// the merchant exists.
+pub fn parse_new_payment(body: &[u8], merchants: &Merchants) -> Result<NewPayment, PaymentError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| PaymentError::MalformedJson(e.to_string()))?;
     let Value::Object(obj) = value else {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_body",
-            "request body must be a JSON object",
-        ));
+        return Err(PaymentError::NotAnObject);
     };
 
     let merchant_id = match obj.get("merchant_id") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(Value::String(_)) => {
-            return Err(ApiError::invalid_field(
+            return Err(PaymentError::field(
                 "merchant_id",
                 "merchant_id must not be empty",
             ))
         }
         Some(_) => {
-            return Err(ApiError::invalid_field(
+            return Err(PaymentError::field(
                 "merchant_id",
                 "merchant_id must be a string",
             ))
         }
         None => {
-            return Err(ApiError::invalid_field(
+            return Err(PaymentError::field(
                 "merchant_id",
                 "merchant_id is required",
             ))
@@ -173,58 +172,45 @@ pub fn parse_new_payment(body: &[u8], merchants: &Merchants) -> Result<NewPaymen
             // `as_i64` is None for floats (even `100.0`) and for integers above 2^63-1.
             Some(Value::Number(n)) => match n.as_i64() {
                 Some(a) if a >= 1 => a,
-                _ => return Err(ApiError::invalid_field(
+                _ => return Err(PaymentError::field(
                     "amount",
                     "amount must be an integer number of minor units from 1 to 9223372036854775807",
                 )),
             },
-            Some(_) => {
-                return Err(ApiError::invalid_field(
-                    "amount",
-                    "amount must be an integer",
-                ))
-            }
-            None => return Err(ApiError::invalid_field("amount", "amount is required")),
+            Some(_) => return Err(PaymentError::field("amount", "amount must be an integer")),
+            None => return Err(PaymentError::field("amount", "amount is required")),
         };
 
     let currency = match obj.get("currency") {
         Some(Value::String(s)) if is_currency(s) => s.clone(),
         Some(_) => {
-            return Err(ApiError::invalid_field(
+            return Err(PaymentError::field(
                 "currency",
                 "currency must be three upper-case letters, e.g. EUR",
             ))
         }
-        None => return Err(ApiError::invalid_field("currency", "currency is required")),
+        None => return Err(PaymentError::field("currency", "currency is required")),
     };
 
     let reference = match obj.get("reference") {
         Some(Value::String(s)) if s.chars().count() <= MAX_REFERENCE_CHARS => s.clone(),
         Some(Value::String(_)) => {
-            return Err(ApiError::invalid_field(
+            return Err(PaymentError::field(
                 "reference",
                 "reference must be at most 255 characters",
             ))
         }
         Some(_) => {
-            return Err(ApiError::invalid_field(
+            return Err(PaymentError::field(
                 "reference",
                 "reference must be a string",
             ))
         }
-        None => {
-            return Err(ApiError::invalid_field(
-                "reference",
-                "reference is required",
-            ))
-        }
+        None => return Err(PaymentError::field("reference", "reference is required")),
     };
 
     if !merchants.contains(&merchant_id) {
-        return Err(ApiError {
-            code: "unknown_merchant",
-            ..ApiError::invalid_field("merchant_id", format!("unknown merchant {merchant_id:?}"))
-        });
+        return Err(PaymentError::UnknownMerchant(merchant_id));
     }
 
     Ok(NewPayment {
@@ -240,15 +226,6 @@ pub fn is_currency(s: &str) -> bool {
     s.len() == 3 && s.bytes().all(|b| b.is_ascii_uppercase())
 }
 
-/// 409 for a key reused with a different body.
-pub fn key_conflict() -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "idempotency_key_reused",
-        "this Idempotency-Key was already used with a different request body",
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,10 +234,15 @@ mod tests {
         Merchants::demo()
     }
 
+    /// A short name of the outcome and the field it is about.
     fn code(body: &str) -> (u16, &'static str, Option<&'static str>) {
         match parse_new_payment(body.as_bytes(), &m()) {
             Ok(_) => (200, "ok", None),
-            Err(e) => (e.status.as_u16(), e.code, e.field),
+            Err(PaymentError::MalformedJson(_)) => (400, "malformed_json", None),
+            Err(PaymentError::NotAnObject) => (422, "invalid_body", None),
+            Err(PaymentError::InvalidField { field, .. }) => (422, "invalid_field", Some(field)),
+            Err(PaymentError::UnknownMerchant(_)) => (422, "unknown_merchant", Some("merchant_id")),
+            Err(e) => panic!("not a body error: {e}"),
         }
     }
 
@@ -321,15 +303,15 @@ mod tests {
 
     #[test]
     fn idempotency_keys() {
+        assert_eq!(check_idempotency_key(None), Err(PaymentError::MissingKey));
         assert_eq!(
-            check_idempotency_key(None).map_err(|e| e.code),
-            Err("missing_idempotency_key")
+            check_idempotency_key(Some(b"")),
+            Err(PaymentError::MissingKey)
         );
         assert_eq!(
-            check_idempotency_key(Some(b"")).map_err(|e| e.code),
-            Err("missing_idempotency_key")
+            check_idempotency_key(Some(b"a b")),
+            Err(PaymentError::InvalidKey)
         );
-        assert!(check_idempotency_key(Some(b"a b")).is_err());
         assert!(check_idempotency_key(Some("k".repeat(256).as_bytes())).is_err());
         assert!(check_idempotency_key(Some("k".repeat(255).as_bytes())).is_ok());
     }

@@ -30,15 +30,6 @@ pub enum HeavyError {
     Failed(String),
 }
 
-impl From<HeavyError> for crate::error::ApiError {
-    fn from(e: HeavyError) -> Self {
-        match e {
-            HeavyError::Overloaded(o) => o.into(),
-            HeavyError::Failed(msg) => crate::error::ApiError::internal(msg),
-        }
-    }
-}
-
 /// A place in the heavy queue, held until the task it was taken for ends.
 #[derive(Debug)]
 pub struct Admission(OwnedSemaphorePermit);

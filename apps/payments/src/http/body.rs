@@ -9,11 +9,12 @@ use axum::http::{header, HeaderMap};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
-use crate::error::ApiError;
+use super::error::ApiError;
 
-/// After deciding 413, read and discard at most this much more of the body, so
-/// the client (still sending) gets to read the answer instead of a reset
-/// connection. Larger bodies are cut off.
+/// After a body without a `Content-Length` grows past its limit, read and
+/// discard at most this much more of it, so the client (still sending) gets
+/// to read the answer instead of a reset connection. Larger bodies are cut
+/// off.
 const DRAIN_LIMIT: usize = 1024 * 1024;
 
 /// The declared `Content-Length`, if any and valid.
@@ -35,22 +36,16 @@ pub async fn read_limited(
     let declared = content_length(headers);
     if let Some(len) = declared {
         if len > limit as u64 {
-            if len <= (limit + DRAIN_LIMIT) as u64 {
-                drain(body, DRAIN_LIMIT + limit).await;
-            }
+            // Answered before a byte of the body is read (and without
+            // `100 Continue`); the 413 closes the connection, so the unread
+            // body is never waited for.
             return Err(ApiError::too_large(limit));
         }
     }
     let mut body = body;
     let mut buf = BytesMut::with_capacity(declared.map_or(0, |n| n as usize));
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::new(
-                axum::http::StatusCode::BAD_REQUEST,
-                "body_read_failed",
-                format!("could not read the request body: {e}"),
-            )
-        })?;
+        let frame = frame.map_err(ApiError::body_read_failed)?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 drain(body, DRAIN_LIMIT).await;
