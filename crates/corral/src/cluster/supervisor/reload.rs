@@ -106,6 +106,7 @@ impl Decision<'_> {
             || self
                 .state
                 .probation
+                .as_ref()
                 .is_some_and(|probation| probation.generation == build)
     }
 
@@ -179,10 +180,13 @@ impl Decision<'_> {
                     .max()
                     .unwrap_or(self.now)
                     + self.state.rules.min_uptime;
+                // Callers hear of it once the new workers outlived
+                // --min-uptime: a build that dies soon after is a failure.
                 self.state.probation = Some(Probation {
                     generation: reload.target,
                     previous: self.state.good,
                     until,
+                    replies: reload.replies,
                 });
                 self.state.last_reload = Some(LastReload {
                     outcome: ReloadOutcome::Completed,
@@ -196,9 +200,6 @@ impl Decision<'_> {
                         reload.target
                     ),
                 );
-                for reply in reload.replies {
-                    self.reply(Some(reply), Ok(format!("generation {}", reload.target)));
-                }
             }
             Some(reason) => {
                 self.state.last_reload = Some(LastReload {
@@ -232,23 +233,25 @@ impl Decision<'_> {
     /// A worker of the generation on trial failed at `index`: stop moving
     /// slots forward, and move back the ones already moved.
     pub(super) fn new_build_failed(&mut self, index: usize, reason: String) {
-        let attempted = match (&self.state.reload, self.state.probation) {
+        let attempted = match (&self.state.reload, &self.state.probation) {
             (Some(reload), _) if reload.rollback_reason.is_none() => reload.attempted,
             (None, Some(probation)) => probation.generation,
             _ => return,
         };
-        let good = match self.state.probation {
-            Some(probation) if probation.generation == attempted => probation.previous,
-            _ => self.state.good,
+        let (good, mut replies) = match self.state.probation.take() {
+            Some(probation) if probation.generation == attempted => {
+                (probation.previous, probation.replies)
+            }
+            _ => (self.state.good, Vec::new()),
         };
-        self.state.probation = None;
         self.state.good = good;
-        let replies = self
-            .state
-            .reload
-            .take()
-            .map(|reload| reload.replies)
-            .unwrap_or_default();
+        replies.extend(
+            self.state
+                .reload
+                .take()
+                .map(|reload| reload.replies)
+                .unwrap_or_default(),
+        );
         let reason = format!("slot {index}: {reason}");
         // The failed slot goes back at once; its old worker (if any) still serves.
         let mut moved = Vec::new();
@@ -328,12 +331,22 @@ impl Decision<'_> {
                 self.reply(Some(reply), Err(why.to_owned()));
             }
         }
+        let waiting = self
+            .state
+            .probation
+            .as_mut()
+            .map(|probation| std::mem::take(&mut probation.replies))
+            .unwrap_or_default();
+        for reply in waiting {
+            self.reply(Some(reply), Err(why.to_owned()));
+        }
     }
 
     pub(super) fn end_probation(&mut self) {
         if self
             .state
             .probation
+            .as_ref()
             .is_some_and(|probation| self.now >= probation.until)
         {
             self.finish_probation();
@@ -344,6 +357,12 @@ impl Decision<'_> {
     fn finish_probation(&mut self) {
         if let Some(probation) = self.state.probation.take() {
             self.state.good = probation.generation;
+            for reply in probation.replies {
+                self.reply(
+                    Some(reply),
+                    Ok(format!("generation {}", probation.generation)),
+                );
+            }
             if probation.previous != probation.generation {
                 self.actions.push(Action::ForgetBuild {
                     generation: probation.previous,

@@ -284,11 +284,13 @@ pub(crate) struct Reload {
 
 /// After a reload completed: its workers must still outlive `--min-uptime`
 /// before their generation counts as good.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Probation {
     pub generation: Build,
     pub previous: Build,
     pub until: Instant,
+    /// `corral reload` callers: answered once the generation has proven itself.
+    pub replies: Vec<ReplyId>,
 }
 
 /// A `scale` waiting for the cluster to reach its size.
@@ -383,6 +385,7 @@ impl State {
     /// The generation new slots and fresh starts run.
     pub fn serving_build(&self) -> Build {
         self.probation
+            .as_ref()
             .map_or(self.good, |probation| probation.generation)
     }
 
@@ -460,7 +463,7 @@ impl State {
                 deadlines.push(since + rules.reload_gate);
             }
         }
-        if let Some(probation) = self.probation {
+        if let Some(probation) = &self.probation {
             deadlines.push(probation.until);
         }
         deadlines.into_iter().min()

@@ -683,6 +683,9 @@ fn reload_moves_one_slot_at_a_time_behind_the_gate() {
     }
     assert_eq!(order, [0, 1, 2]);
     assert!((0..3).all(|slot| sim.current_build(slot) == 2));
+    // The caller hears once the new workers outlived --min-uptime.
+    assert!(sim.replies().is_empty());
+    run_for(&mut sim, Duration::from_secs(5));
     assert_eq!(
         sim.state.last_reload,
         Some(LastReload {
@@ -712,7 +715,10 @@ fn a_build_that_dies_soon_after_ready_is_rolled_back() {
     sim.ready_all();
     sim.ready_all();
     assert!((0..2).all(|slot| sim.current_build(slot) == 2));
-    assert_eq!(sim.replies(), [(ReplyId(1), Ok("generation 2".to_owned()))]);
+    assert!(
+        sim.replies().is_empty(),
+        "not before --min-uptime has passed"
+    );
     sim.reap_drained();
     // 1.5 s later the new generation dies: still within --min-uptime.
     sim.advance(Duration::from_millis(1_500));
@@ -739,6 +745,11 @@ fn a_build_that_dies_soon_after_ready_is_rolled_back() {
         "the build's fault, not the slot's"
     );
     assert!(sim.actions.contains(&Action::ForgetBuild { generation: 2 }));
+    let replies = sim.replies();
+    assert!(
+        matches!(&replies[..], [(ReplyId(1), Err(e))] if e.contains("rolled back to generation 1")),
+        "{replies:?}"
+    );
 }
 
 #[test]
