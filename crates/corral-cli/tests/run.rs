@@ -124,7 +124,8 @@ fn run_refuses_accept_and_pass_modes_clearly() {
         "--listen",
         "127.0.0.1:0",
         "--balance",
-        "sticky",
+        // Sticky is kernel-steered now, so it applies to programs too.
+        "round-robin",
         "--",
         "true",
     ])
