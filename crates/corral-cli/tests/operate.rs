@@ -404,3 +404,58 @@ fn operate_two_names_side_by_side_and_the_same_name_refused() {
         "{message}"
     );
 }
+
+#[test]
+fn operate_user_nobody_runs_the_workers_as_nobody() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!(
+            "skipped: operate_user_nobody_runs_the_workers_as_nobody (needs root to switch users)"
+        );
+        return;
+    }
+    let runtime = Runtime::new("user");
+    let cluster = runtime.start(
+        &hello_binary(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--name",
+            "dropped",
+            "--user",
+            "nobody",
+        ],
+    );
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    let workers = cluster.worker_pids();
+    assert_eq!(workers.len(), 2);
+    for pid in workers {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|field| field.parse::<u32>().unwrap())
+            .collect::<Vec<_>>();
+        assert!(
+            uid.iter().all(|&id| id == nobody),
+            "worker {pid} has uids {uid:?}"
+        );
+        // It shows under its program's name, not the pinned descriptor's number.
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+        assert_eq!(comm.trim(), "hello");
+    }
+    // The primary stays root (it owns the sockets) and the workers serve.
+    let primary = std::fs::read_to_string(format!("/proc/{}/status", cluster.pid())).unwrap();
+    assert!(
+        primary.lines().any(|line| line.starts_with("Uid:\t0\t")),
+        "{primary}"
+    );
+    assert!(get(cluster.addr).is_ok());
+}

@@ -388,6 +388,7 @@ where
     Fut: Future<Output = std::result::Result<(), E>>,
     E: Into<BoxError>,
 {
+    name_this_process();
     if config.logging {
         crate::logging::init(format!("[worker {} pid {}]", env.slot, std::process::id()));
     }
@@ -540,6 +541,25 @@ async fn receive_connections(
         }
     }
     shared.passed_done.store(true, Ordering::SeqCst);
+}
+
+/// A worker runs from its generation's pinned descriptor
+/// (`/proc/self/fd/N`), so the kernel names the process "N"; `ps`, `top` and
+/// `pgrep` should show the program's name instead.
+fn name_this_process() {
+    #[cfg(target_os = "linux")]
+    if let Some(name) = std::env::args_os().next().and_then(|arg0| {
+        std::path::Path::new(&arg0)
+            .file_name()
+            .map(|n| n.to_owned())
+    }) {
+        use std::os::unix::ffi::OsStrExt;
+        // The kernel keeps 15 bytes and a NUL.
+        let mut bytes: Vec<u8> = name.as_bytes().iter().copied().take(15).collect();
+        bytes.push(0);
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr()) };
+    }
 }
 
 const INTAKE_BACKOFF_FIRST: Duration = Duration::from_millis(10);
