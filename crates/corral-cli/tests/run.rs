@@ -19,7 +19,7 @@ fn corral(args: &[&str]) -> Command {
 
 /// Runs the Python server under `corral run` and waits for the listening line.
 fn start(workers: &str) -> Cluster {
-    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server.py");
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/server.py");
     let command = corral(&[
         "run",
         "--listen",
@@ -162,7 +162,7 @@ fn run_reports_a_program_that_keeps_crashing() {
 
 #[test]
 fn run_takes_the_program_its_environment_and_flags_from_a_config_file() {
-    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/server.py");
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/server.py");
     let path = std::env::temp_dir().join(format!("corral-run-config-{}.toml", std::process::id()));
     std::fs::write(
         &path,

@@ -49,28 +49,54 @@ const DASHBOARD: &str = r#"<!doctype html>
 <style>
 body{font:14px system-ui;margin:2em}table{border-collapse:collapse}
 td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}.bad{color:#b00}
+td:first-child,th:first-child{text-align:left}.bad{color:#b00}.dim{color:#888}
+.spark{font-family:monospace;letter-spacing:-1px;color:#36c}
 </style>
 <h1>corral <small id="head"></small></h1>
-<table><thead><tr><th>slot</th><th>pid</th><th>state</th><th>uptime s</th><th>starts</th>
-<th>requests</th><th>open conns</th><th>RSS MiB</th><th>loop delay p99 ms</th>
-<th>pool queued</th><th>pool util %</th></tr></thead><tbody id="rows"></tbody></table>
+<p id="totals"></p>
+<table><thead><tr><th>slot</th><th>pid</th><th>gen</th><th>state</th><th>uptime s</th>
+<th>restarts</th><th>last exit</th><th>CPU %</th><th>RSS MiB</th><th>req/s</th><th>req/s, last minute</th>
+<th>conns</th><th>loop p99 ms</th><th>pool queued</th><th>draining</th></tr></thead><tbody id="rows"></tbody></table>
+<p id="reload" class="dim"></p>
 <p><a href="/metrics">/metrics</a> · <a href="/status">/status</a></p>
 <script>
+const history = {};
+const bars = '▁▂▃▄▅▆▇█';
+function spark(values) {
+  const max = Math.max(1, ...values);
+  return values.map(v => bars[Math.min(7, Math.floor(v / max * 7.99))]).join('');
+}
+const fmt = (v, digits) => v === null || v === undefined ? '' : Number(v).toFixed(digits);
+const esc = t => String(t ?? '').replace(/[&<>]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;'}[c]));
 async function tick() {
   const s = await (await fetch('/status')).json();
   document.getElementById('head').textContent =
-    `pid ${s.pid} · balance=${s.balance} · ${s.listen.join(', ')}${s.reloading ? ' · reloading' : ''}${s.stopping ? ' · stopping' : ''}`;
+    `${s.name} · pid ${s.pid} · balance=${s.balance} · ${s.listen.join(', ')} · generation ${s.generation}` +
+    `${s.reloading ? ' · reloading' : ''}${s.stopping ? ' · stopping' : ''}`;
+  const byslot = {};
+  for (const w of s.workers) byslot[w.slot] = w;
+  let rps = 0, rss = 0, conns = 0, cpu = 0;
   document.getElementById('rows').innerHTML = s.slots.map(slot => {
-    const w = slot.worker, st = w ? w.stats : null;
-    const state = slot.gave_up ? '<span class="bad">given up</span>' : (w ? w.state : 'restarting');
-    return `<tr><td>${slot.slot}</td><td>${w ? w.pid : ''}</td><td>${state}</td>
-      <td>${w ? w.uptime_seconds.toFixed(0) : ''}</td><td>${slot.starts}</td>
-      <td>${st ? st.requests_total : ''}</td><td>${st ? st.connections_open : ''}</td>
-      <td>${st ? (st.rss_bytes / 1048576).toFixed(1) : ''}</td>
-      <td>${st ? st.event_loop_delay.p99_ms.toFixed(2) : ''}</td>
-      <td>${st ? st.pool.queued : ''}</td><td>${st ? (st.pool.utilisation * 100).toFixed(0) : ''}</td></tr>`;
+    const w = byslot[slot.slot];
+    const h = history[slot.slot] = (history[slot.slot] || []).concat([w && w.requests_per_s || 0]).slice(-60);
+    if (w) { rps += w.requests_per_s || 0; rss += w.rss_bytes || 0; conns += w.connections || 0; cpu += w.cpu_percent || 0; }
+    const state = slot.state === 'given_up'
+      ? `<span class="bad">given up${slot.next_retry_s !== null ? ` (retry in ${fmt(slot.next_retry_s, 0)} s)` : ''}</span>`
+      : slot.state === 'backing_off' ? `<span class="bad">backing off (${fmt(slot.next_retry_s, 1)} s)</span>`
+      : esc(w ? w.state : slot.state);
+    return `<tr><td>${slot.slot}</td><td>${w ? w.pid : ''}</td><td>${w ? w.generation : ''}</td><td>${state}</td>
+      <td>${w ? fmt(w.uptime_s, 0) : ''}</td><td>${w ? w.restarts : ''}</td>
+      <td class="${w && w.last_exit ? 'bad' : ''}">${esc(w ? w.last_exit : '')}</td>
+      <td>${w ? fmt(w.cpu_percent, 1) : ''}</td><td>${w && w.rss_bytes ? fmt(w.rss_bytes / 1048576, 1) : ''}</td>
+      <td>${w ? fmt(w.requests_per_s, 1) : ''}</td><td class="spark">${spark(h)}</td>
+      <td>${w ? (w.connections ?? '') : ''}</td><td>${w ? fmt(w.loop_delay_p99_ms, 2) : ''}</td>
+      <td>${w ? (w.pool_queued ?? '') : ''}</td><td>${slot.draining.join(' ')}</td></tr>`;
   }).join('');
+  document.getElementById('totals').textContent =
+    `${s.workers.length} workers · ${fmt(rps, 1)} req/s · ${conns} connections · CPU ${fmt(cpu, 1)} % · RSS ${fmt(rss / 1048576, 1)} MiB`;
+  const r = s.last_reload;
+  document.getElementById('reload').textContent = r
+    ? `last reload: ${r.outcome} (generation ${r.generation})${r.reason ? ': ' + r.reason : ''}` : 'no reload yet';
 }
 tick(); setInterval(tick, 1000);
 </script>
