@@ -8,7 +8,6 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -312,37 +311,11 @@ fn fault_a_crash_storm_after_serving_never_ends_the_primary_and_the_slot_comes_b
     assert!(support::process_alive(cluster.pid()));
 }
 
-/// Sets this process's soft descriptor limit as high as allowed.
-fn raise_own_fd_limit() {
-    let (_, hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-}
-
-/// `hello` with a descriptor limit of `limit` for the primary and its workers.
-fn start_with_fd_limit(limit: u64, args: &[&str]) -> Cluster {
-    let mut command = support::command(&support::hello_binary(), args);
-    // SAFETY: setrlimit is async-signal-safe and touches no memory of ours.
-    unsafe {
-        command.pre_exec(move || {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, limit, limit)
-                .map_err(std::io::Error::from)
-        });
-    }
-    Cluster::start_command(command)
-}
-
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| dir.count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn fault_spawn_errors_under_fd_pressure_back_off_and_are_not_a_crash_loop() {
-    raise_own_fd_limit();
+    support::raise_own_fd_limit();
     let limit = 48;
-    let cluster = start_with_fd_limit(
+    let cluster = support::start_with_fd_limit(
         limit,
         &[
             "--listen",
@@ -364,9 +337,13 @@ fn fault_spawn_errors_under_fd_pressure_back_off_and_are_not_a_crash_loop() {
             }
         }
         std::thread::sleep(Duration::from_millis(50));
-        open_fds(cluster.pid()) as u64 >= limit
+        support::open_fds(cluster.pid()) as u64 >= limit
     });
-    assert!(exhausted, "the primary has {} fds", open_fds(cluster.pid()));
+    assert!(
+        exhausted,
+        "the primary has {} fds",
+        support::open_fds(cluster.pid())
+    );
     let victim = cluster.worker_pids()[0];
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
     assert!(
@@ -675,9 +652,9 @@ fn fault_a_message_flood_stays_bounded_and_the_workers_keep_answering() {
 
 #[test]
 fn fault_an_fd_spike_does_not_stop_intake_for_good() {
-    raise_own_fd_limit();
+    support::raise_own_fd_limit();
     for balance in ["reuseport", "round-robin", "least-conn"] {
-        let cluster = start_with_fd_limit(
+        let cluster = support::start_with_fd_limit(
             1024,
             &[
                 "--listen",

@@ -7,8 +7,6 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{wait_until, Cluster};
@@ -25,13 +23,6 @@ fn cpu_time(pid: i32) -> Duration {
         .flatten()
         .unwrap_or(100) as u64;
     Duration::from_millis(ticks * 1000 / per_second)
-}
-
-/// How many descriptors a process has open.
-fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| dir.count())
-        .unwrap_or(0)
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
@@ -281,32 +272,6 @@ fn above_max_connections_a_connection_waits_in_the_queue_and_is_served_later() {
     assert!(cluster.stderr().contains("--max-connections"));
 }
 
-/// Starts `hello` with a 1024-descriptor limit (soft and hard), as a small
-/// container or an unconfigured service would have.
-fn start_with_fd_limit(args: &[&str]) -> corral_testkit::Cluster {
-    let mut command = Command::new(support::hello_binary());
-    command.args(args).env("RUST_LOG", "info");
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, 1024)
-                .map_err(std::io::Error::from)
-        });
-    }
-    corral_testkit::Cluster::start(command, Duration::from_secs(30))
-}
-
-/// Lets this test process hold thousands of sockets.
-fn raise_own_fd_limit() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    assert!(
-        hard >= 5000,
-        "this test needs 5000 descriptors; raise the hard limit (ulimit -Hn) above {hard}"
-    );
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-}
-
 /// `count` connections that send nothing, opened without waiting: those
 /// beyond the accept queue keep retrying their handshake.
 fn idle_connections(addr: SocketAddr, count: usize) -> Vec<socket2::Socket> {
@@ -342,16 +307,19 @@ fn answered_within(addr: SocketAddr, limit: Duration) -> Option<Duration> {
 
 #[test]
 fn out_of_descriptors_the_worker_keeps_serving_and_recovers() {
-    raise_own_fd_limit();
+    support::raise_own_fd_limit();
     // A cap above the descriptor limit, so the worker really runs out.
-    let cluster = start_with_fd_limit(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
-        "--max-connections",
-        "100000",
-    ]);
+    let cluster = support::start_with_fd_limit(
+        1024,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--max-connections",
+            "100000",
+        ],
+    );
     let worker = cluster.worker_pids()[0];
     let mut regular = connect(cluster.addr);
     assert!(keep_alive_get(&mut regular).unwrap().contains("200"));
@@ -362,10 +330,10 @@ fn out_of_descriptors_the_worker_keeps_serving_and_recovers() {
             .stderr()
             .contains("Too many open files")),
         "the worker never ran out of descriptors; it has {} open; stderr:\n{}",
-        open_fds(worker),
+        support::open_fds(worker),
         cluster.stderr()
     );
-    let fds = open_fds(worker);
+    let fds = support::open_fds(worker);
     eprintln!("worker out of descriptors: {fds} open (limit 1024)");
     assert!(fds >= 1000, "the worker has only {fds} descriptors open");
     // Out of descriptors, it goes on serving the connections it has, and
@@ -401,15 +369,18 @@ fn out_of_descriptors_the_worker_keeps_serving_and_recovers() {
 
 #[test]
 fn the_default_connection_cap_keeps_the_worker_inside_its_descriptors() {
-    raise_own_fd_limit();
-    let cluster = start_with_fd_limit(&[
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--header-timeout",
-        "2s",
-    ]);
+    support::raise_own_fd_limit();
+    let cluster = support::start_with_fd_limit(
+        1024,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--header-timeout",
+            "2s",
+        ],
+    );
     // 1024 descriptors less an eighth of them.
     assert!(
         cluster.stderr().contains("--max-connections 896"),
@@ -423,7 +394,7 @@ fn the_default_connection_cap_keeps_the_worker_inside_its_descriptors() {
     while start.elapsed() < Duration::from_secs(3) {
         most = workers
             .iter()
-            .map(|&pid| open_fds(pid))
+            .map(|&pid| support::open_fds(pid))
             .max()
             .unwrap()
             .max(most);

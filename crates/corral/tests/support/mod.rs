@@ -279,3 +279,36 @@ pub fn accept_queue_len(port: u16) -> u64 {
         })
         .sum()
 }
+
+/// Lets this test process hold thousands of sockets (soft limit up to the hard one).
+pub fn raise_own_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= 5000,
+        "this test needs 5000 descriptors; raise the hard limit (ulimit -Hn) above {hard}"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+}
+
+/// `hello` with `args` and a descriptor limit of `limit` (soft and hard) for
+/// the primary and its workers, as a small container would have.
+pub fn start_with_fd_limit(limit: u64, args: &[&str]) -> Cluster {
+    use std::os::unix::process::CommandExt;
+    let mut command = command(&hello_binary(), args);
+    // SAFETY: setrlimit is async-signal-safe and touches no memory of ours.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, limit, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+    Cluster::start_command(command)
+}
+
+/// How many descriptors a process has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
