@@ -149,14 +149,12 @@ fn monotonic_usec() -> u64 {
 
 /// A socket systemd passed us, with its `FileDescriptorName=` if it has one.
 #[derive(Debug)]
-#[allow(dead_code)] // socket activation of the primary is not wired yet
 pub(crate) struct ListenFd {
     pub fd: OwnedFd,
     pub name: Option<String>,
 }
 
 /// The first descriptor of socket activation.
-#[allow(dead_code)] // socket activation of the primary is not wired yet
 const SD_LISTEN_FDS_START: RawFd = 3;
 
 /// The sockets handed over by socket activation (`LISTEN_FDS` descriptors from
@@ -164,7 +162,6 @@ const SD_LISTEN_FDS_START: RawFd = 3;
 /// meant for another process (`LISTEN_PID`). Takes them: the variables are
 /// removed, so the workers never see them (they get their own), and the
 /// descriptors made close-on-exec. Call it once, early, before threads start.
-#[allow(dead_code)] // socket activation of the primary is not wired yet
 pub(crate) fn listen_fds() -> io::Result<Vec<ListenFd>> {
     let found = listen_fds_from(
         std::env::var("LISTEN_PID").ok().as_deref(),
@@ -205,7 +202,6 @@ pub(crate) fn listen_fds() -> io::Result<Vec<ListenFd>> {
 
 /// The parsing of [`listen_fds`]: `None` when socket activation does not
 /// apply to process `pid`, else the count and names.
-#[allow(dead_code)] // socket activation of the primary is not wired yet
 fn listen_fds_from(
     listen_pid: Option<&str>,
     listen_fds: Option<&str>,

@@ -35,7 +35,7 @@ use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
 use crate::metrics::status::{
     ClusterStatus, ReloadStatus, SlotStatus, WorkerStatus, WorkerSummary,
 };
-use crate::net::bind::{bind_all, bind_error, resolve, steer_all, BoundAddress};
+use crate::net::bind::{adopt, bind_all, bind_error, resolve, steer_all, BoundAddress};
 use crate::net::fd_passing::{ConnectionSender, PassedConnection};
 use crate::net::steering::{SlotTraffic, Steering};
 
@@ -66,7 +66,25 @@ pub(crate) fn run(config: Config) -> Result<()> {
         .clone()
         .unwrap_or_else(crate::control::default_name);
     let identity = super::identity::resolve(config.user.as_deref(), config.group.as_deref())?;
-    let bound = bind_all(&config.listen, slots, config.layout())?;
+    // Socket activation: sockets systemd handed over replace binding.
+    let activated = crate::systemd::listen_fds()?;
+    let bound = if activated.is_empty() {
+        bind_all(&config.listen, slots, config.layout())?
+    } else {
+        tracing::info!(
+            "using {} listening socket(s) passed by systemd instead of --listen",
+            activated.len()
+        );
+        activated
+            .into_iter()
+            .map(|passed| {
+                let address = adopt(socket2::Socket::from(passed.fd), slots, config.layout())?;
+                let name = passed.name.as_deref().unwrap_or("unnamed");
+                tracing::info!("socket {name} from systemd: {}", address.local);
+                Ok(address)
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
     // Before any worker starts, so a second live cluster of this name fails at once.
     let control_path = crate::control::socket_path(&name, config.control.as_deref());
     let control = crate::control::bind(&control_path, &name)?;
@@ -251,6 +269,7 @@ struct Executor {
     identity: Option<super::identity::Identity>,
     /// What systemd was last told (`STATUS=`), to tell it only changes.
     told_systemd: String,
+    told_stopping: bool,
     /// Where worker broadcasts go (this node, or every node on Redis).
     publisher: Option<crate::broadcast::BroadcastPublisher>,
     /// Events the actions produced (a spawn's outcome), handled before new input.
@@ -297,6 +316,7 @@ impl Executor {
             logs: LogBook::new(LOG_LINES_PER_SLOT),
             identity: None,
             told_systemd: String::new(),
+            told_stopping: false,
             publisher: None,
             follow_ups: VecDeque::new(),
             exit: None,
@@ -344,7 +364,6 @@ impl Executor {
             tokio::spawn(crate::systemd::watchdog_loop(interval));
         }
         let result = self.serve(admin).await;
-        crate::systemd::stopping();
         // Dropping the server removes the socket file.
         control_task.abort();
         let _ = control_task.await;
@@ -418,6 +437,10 @@ impl Executor {
             for action in actions {
                 self.perform(action);
             }
+        }
+        if self.state.stopping && !self.told_stopping {
+            self.told_stopping = true;
+            crate::systemd::stopping();
         }
         self.sync_routes();
         self.publish_status();

@@ -270,6 +270,46 @@ fn bind_address(addr: SocketAddr, slots: usize, layout: Layout) -> Result<BoundA
     })
 }
 
+/// Takes a listening socket handed over by socket activation instead of
+/// binding one. In the per-slot layout it is slot 0 and the other slots get
+/// their own sockets in the same `SO_REUSEPORT` group, which needs the
+/// activated socket to have `SO_REUSEPORT` (`ReusePort=yes` in the socket
+/// unit); without it every worker shares the one socket.
+pub(crate) fn adopt(socket: Socket, slots: usize, layout: Layout) -> Result<BoundAddress> {
+    let local = local_addr(&socket).map_err(|err| {
+        Error::Config(format!(
+            "a socket passed by systemd (LISTEN_FDS) is not a TCP socket ({err}); give corral only ListenStream= sockets"
+        ))
+    })?;
+    let _ = socket.set_tcp_nodelay(true);
+    let layout = match layout {
+        Layout::PerSlot if !socket.reuse_port().unwrap_or(false) => {
+            tracing::warn!(
+                "{local}: the socket from systemd has no SO_REUSEPORT (set ReusePort=yes in the socket unit); every worker shares it"
+            );
+            Layout::Single
+        }
+        layout => layout,
+    };
+    let mut sockets = vec![Some(socket)];
+    if layout == Layout::PerSlot {
+        for _ in 1..slots.max(1) {
+            sockets.push(Some(
+                listening_socket(local, true).map_err(|err| bind_error(local, err))?,
+            ));
+        }
+    }
+    Ok(BoundAddress {
+        local,
+        layout,
+        group: (0..sockets.len()).collect(),
+        sockets,
+        steering: None,
+        attached: None,
+        steering_failed: false,
+    })
+}
+
 fn listening_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
     let socket = new_socket(addr, reuse_port)?;
     // Accepted connections inherit it on Linux: programs under `corral run`
