@@ -127,9 +127,12 @@ pub(crate) fn run(config: Config) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let mut executor = Executor::new(config, bound, program_path, first, args, slots);
-        executor.name = name;
-        executor.identity = identity;
+        let program = Launch {
+            path: program_path,
+            first,
+            args,
+        };
+        let executor = Executor::new(config, bound, program, slots, name, identity);
         executor.run(admin, control).await
     })
 }
@@ -211,6 +214,14 @@ fn message_size(message: &ToWorker) -> usize {
     }
 }
 
+/// What the workers run: where reloads pin the program from, the first
+/// generation's program, and the arguments.
+struct Launch {
+    path: PathBuf,
+    first: Program,
+    args: Vec<OsString>,
+}
+
 /// Lines of output kept per slot for `corral logs`.
 const LOG_LINES_PER_SLOT: usize = 1000;
 
@@ -281,28 +292,24 @@ impl Executor {
     fn new(
         config: Config,
         bound: Vec<BoundAddress>,
-        program_path: PathBuf,
-        first: Program,
-        args: Vec<OsString>,
+        program: Launch,
         slots: usize,
+        name: String,
+        identity: Option<super::identity::Identity>,
     ) -> Self {
         let (inputs_tx, inputs) = mpsc::channel(INPUT_QUEUE);
         let balancer = config
             .primary_accepts()
             .then(|| Arc::new(Mutex::new(Balancer::new(config.balance, slots))));
-        let name = program_path
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "corral".to_owned());
         let state = State::new(rules(&config), slots);
         Executor {
             config,
             name,
             state,
             bound,
-            program_path,
-            programs: HashMap::from([(1, first)]),
-            args,
+            program_path: program.path,
+            programs: HashMap::from([(1, program.first)]),
+            args: program.args,
             handles: HashMap::new(),
             inputs_tx,
             inputs,
@@ -314,7 +321,7 @@ impl Executor {
             replies: HashMap::new(),
             next_reply: 0,
             logs: LogBook::new(LOG_LINES_PER_SLOT),
-            identity: None,
+            identity,
             told_systemd: String::new(),
             told_stopping: false,
             publisher: None,

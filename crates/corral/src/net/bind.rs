@@ -56,6 +56,20 @@ pub(crate) struct BoundAddress {
 }
 
 impl BoundAddress {
+    /// Sockets listening in slot order (the kernel's group order), no
+    /// program attached yet.
+    fn unsteered(local: SocketAddr, layout: Layout, sockets: Vec<Option<Socket>>) -> Self {
+        BoundAddress {
+            local,
+            layout,
+            group: (0..sockets.len()).collect(),
+            sockets,
+            steering: None,
+            attached: None,
+            steering_failed: false,
+        }
+    }
+
     /// The socket the worker in `slot` inherits.
     pub fn socket_for_slot(&self, slot: usize) -> Option<&Socket> {
         self.sockets[slot % self.sockets.len()].as_ref()
@@ -259,15 +273,7 @@ fn bind_address(addr: SocketAddr, slots: usize, layout: Layout) -> Result<BoundA
         .map(|_| listening_socket(actual, reuse_port).map(Some))
         .collect::<io::Result<Vec<_>>>()
         .map_err(|err| bind_error(actual, err))?;
-    Ok(BoundAddress {
-        local: actual,
-        layout,
-        group: (0..sockets.len()).collect(),
-        sockets,
-        steering: None,
-        attached: None,
-        steering_failed: false,
-    })
+    Ok(BoundAddress::unsteered(actual, layout, sockets))
 }
 
 /// Takes a listening socket handed over by socket activation instead of
@@ -299,15 +305,7 @@ pub(crate) fn adopt(socket: Socket, slots: usize, layout: Layout) -> Result<Boun
             ));
         }
     }
-    Ok(BoundAddress {
-        local,
-        layout,
-        group: (0..sockets.len()).collect(),
-        sockets,
-        steering: None,
-        attached: None,
-        steering_failed: false,
-    })
+    Ok(BoundAddress::unsteered(local, layout, sockets))
 }
 
 fn listening_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {

@@ -159,7 +159,7 @@ impl Decision<'_> {
         } else if blocked >= blocked_limit {
             let reason = format!(
                 "it could not take connections for {}",
-                humantime::format_duration(Duration::from_millis(blocked.as_millis() as u64))
+                humantime::format_duration(blocked)
             );
             self.recycle(id, &reason);
         }

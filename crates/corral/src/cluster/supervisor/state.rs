@@ -17,6 +17,15 @@ pub(crate) struct WorkerId {
     pub serial: u64,
 }
 
+/// How a worker is told to drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DrainBy {
+    /// The `Drain` message over its channel.
+    Message,
+    /// `SIGTERM`, a program's conventional graceful stop.
+    Signal,
+}
+
 /// What kind of program fills the slots: its readiness and drain rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
@@ -31,18 +40,7 @@ impl Kind {
     pub fn sends_heartbeats(self) -> bool {
         matches!(self, Kind::Corral)
     }
-}
 
-/// How a worker is told to drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DrainBy {
-    /// The `Drain` message over its channel.
-    Message,
-    /// `SIGTERM`, a program's conventional graceful stop.
-    Signal,
-}
-
-impl Kind {
     pub fn drain_by(self) -> DrainBy {
         match self {
             Kind::Corral => DrainBy::Message,
