@@ -4,42 +4,24 @@
 
 mod cluster_support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use cluster_support::*;
 
-fn node(host: &str, url: &str, dir: &std::path::Path) -> Cluster {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_payments"));
-    command
-        .args([
-            "--listen",
-            &format!("{host}:0"),
-            "--workers",
-            "2",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .args(["--database", url]);
-    Cluster::start(command, Duration::from_secs(120))
-}
-
 #[tokio::test]
 async fn a_payment_made_on_one_node_is_served_and_replayed_by_the_other() {
-    let Ok(url) = std::env::var("CORRAL_TEST_POSTGRES") else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: a_payment_made_on_one_node_is_served_and_replayed_by_the_other (CORRAL_TEST_POSTGRES not set)"
-        );
+    let Some(url) = env_or_skip(
+        "a_payment_made_on_one_node_is_served_and_replayed_by_the_other",
+        "CORRAL_TEST_POSTGRES",
+    ) else {
         return;
     };
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
     );
-    let a = node("127.0.0.1", &url, dir_a.path());
-    let b = node("127.0.0.2", &url, dir_b.path());
+    let a = start_on("127.0.0.1", dir_a.path(), &["--database", &url]);
+    let b = start_on("127.0.0.2", dir_b.path(), &["--database", &url]);
     let c = reqwest::Client::new();
     let key = format!("nodes-{}", payments::domain::ids::random_token(12));
     let body = r#"{"merchant_id":"acme","amount":4200,"currency":"EUR","reference":"two nodes"}"#;
@@ -79,20 +61,18 @@ async fn a_payment_made_on_one_node_is_served_and_replayed_by_the_other() {
 
 #[tokio::test]
 async fn an_async_batch_accepted_by_a_node_killed_at_once_is_finished_by_the_other() {
-    let Ok(url) = std::env::var("CORRAL_TEST_POSTGRES") else {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "skipped: an_async_batch_accepted_by_a_node_killed_at_once_is_finished_by_the_other (CORRAL_TEST_POSTGRES not set)"
-        );
+    let Some(url) = env_or_skip(
+        "an_async_batch_accepted_by_a_node_killed_at_once_is_finished_by_the_other",
+        "CORRAL_TEST_POSTGRES",
+    ) else {
         return;
     };
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("dir"),
         tempfile::tempdir().expect("dir"),
     );
-    let mut a = node("127.0.0.1", &url, dir_a.path());
-    let b = node("127.0.0.2", &url, dir_b.path());
+    let mut a = start_on("127.0.0.1", dir_a.path(), &["--database", &url]);
+    let b = start_on("127.0.0.2", dir_b.path(), &["--database", &url]);
     let lines = 100_000;
     let args = payments::gen::GenArgs {
         lines,

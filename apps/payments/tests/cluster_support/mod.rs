@@ -16,19 +16,47 @@ const START_LIMIT: Duration = Duration::from_secs(120);
 
 // Not every test binary uses all of them.
 #[allow(unused_imports)]
-pub use corral_testkit::{group_members, wait_until, Cluster};
+pub use corral_testkit::{group_members, process_alive, wait_until, Cluster};
 
 /// `payments --listen 127.0.0.1:0 --workers 2 --data-dir DIR EXTRA...`,
 /// returned once every worker is ready (the primary printed its line). The
 /// whole process group dies with the returned [`Cluster`].
 pub fn start(data_dir: &Path, extra: &[&str]) -> Cluster {
+    start_on("127.0.0.1", data_dir, extra)
+}
+
+/// As [`start`], listening on `host` (another loopback address stands for
+/// another machine) on a free port.
+pub fn start_on(host: &str, data_dir: &Path, extra: &[&str]) -> Cluster {
     let mut command = Command::new(env!("CARGO_BIN_EXE_payments"));
     command
-        .args(["--listen", "127.0.0.1:0", "--workers", "2", "--data-dir"])
+        .args([
+            "--listen",
+            &format!("{host}:0"),
+            "--workers",
+            "2",
+            "--data-dir",
+        ])
         .arg(data_dir)
         .args(extra)
         .env("RUST_LOG", "info");
     Cluster::start(command, START_LIMIT)
+}
+
+/// Reports `test` as skipped and why. Written to the process's stderr
+/// itself, past the test harness's capture, so a skip is always seen.
+pub fn report_skipped(test: &str, reason: &str) {
+    let _ = writeln!(std::io::stderr(), "skipped: {test} ({reason})");
+}
+
+/// The value of the environment variable `var`, or `None` once `test` has
+/// been reported skipped for its absence.
+pub fn env_or_skip(test: &str, var: &str) -> Option<String> {
+    let value = std::env::var(var).ok().filter(|v| !v.is_empty());
+    if value.is_none() {
+        report_skipped(test, &format!("{var} not set"));
+    }
+    value
 }
 
 /// One HTTP/1.1 answer.
@@ -134,7 +162,13 @@ impl Conn {
 
     /// Upgrades this connection to a WebSocket on `path` and returns the raw
     /// stream, positioned after the `101` answer.
-    pub fn upgrade_to_websocket(mut self, path: &str) -> BufReader<TcpStream> {
+    pub fn upgrade_to_websocket(self, path: &str) -> BufReader<TcpStream> {
+        self.websocket(path).0
+    }
+
+    /// As [`upgrade_to_websocket`](Self::upgrade_to_websocket), also
+    /// returning the `101` answer's headers.
+    pub fn websocket(mut self, path: &str) -> (BufReader<TcpStream>, Vec<(String, String)>) {
         let handshake = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -149,14 +183,19 @@ impl Conn {
             .read_line(&mut status)
             .expect("handshake answer");
         assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+        let mut headers = Vec::new();
         loop {
             let mut line = String::new();
             self.stream.read_line(&mut line).expect("handshake headers");
-            if line.trim_end().is_empty() {
+            let line = line.trim_end();
+            if line.is_empty() {
                 break;
             }
+            if let Some((name, value)) = line.split_once(':') {
+                headers.push((name.trim().to_owned(), value.trim().to_owned()));
+            }
         }
-        self.stream
+        (self.stream, headers)
     }
 
     /// The worker slot serving this connection, from `/health`.
@@ -168,6 +207,8 @@ impl Conn {
         answer.json()["worker"].as_u64().expect("worker slot")
     }
 }
+
+pub mod nginx;
 
 #[path = "../signing/mod.rs"]
 mod signing;
@@ -182,23 +223,29 @@ pub fn signed_line(id: &str, merchant: &str, amount: u64, currency: &str) -> Str
 
 /// Reads one unfragmented server text frame (servers do not mask).
 pub fn read_text_frame(stream: &mut BufReader<TcpStream>) -> String {
+    try_read_text_frame(stream).expect("a text frame")
+}
+
+/// As [`read_text_frame`], with the read's error (e.g. the socket's read
+/// timeout passing) returned.
+pub fn try_read_text_frame(stream: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     let mut head = [0u8; 2];
-    stream.read_exact(&mut head).expect("frame head");
+    stream.read_exact(&mut head)?;
     assert_eq!(head[0], 0x81, "a final text frame");
     let length = match head[1] & 0x7f {
         126 => {
             let mut b = [0u8; 2];
-            stream.read_exact(&mut b).expect("length");
+            stream.read_exact(&mut b)?;
             u64::from(u16::from_be_bytes(b))
         }
         127 => {
             let mut b = [0u8; 8];
-            stream.read_exact(&mut b).expect("length");
+            stream.read_exact(&mut b)?;
             u64::from_be_bytes(b)
         }
         n => u64::from(n),
     };
     let mut payload = vec![0u8; length as usize];
-    stream.read_exact(&mut payload).expect("payload");
-    String::from_utf8(payload).expect("utf-8")
+    stream.read_exact(&mut payload)?;
+    Ok(String::from_utf8(payload).expect("utf-8"))
 }
