@@ -2,18 +2,29 @@
 # Payments benchmark (apps/payments, clustered), loopback only, bounded time:
 #  (a) settlement throughput, transactions/s, for a 100,000-line signed batch,
 #      with 1 CPU-pool thread and with one per core: end to end over HTTP
-#      (upload, verify, SQLite commit, answer) and in-process (verify only,
-#      bench/src/bin/payments_verify.rs), against the single-thread HMAC rate;
+#      (upload, verify, commit to SQLite or to --database's Postgres, answer)
+#      and in-process (verify only, bench/src/bin/payments_verify.rs),
+#      against the single-thread HMAC rate;
 #  (b) /health p99 idle and while such batches run back to back;
 #  (c) payments created per second (wrk, a unique Idempotency-Key each).
 #
-# Usage: bench/payments.sh [SECONDS_PER_WRK_RUN]   (default 10)
+# Usage: bench/payments.sh [--database postgres://...] [SECONDS_PER_WRK_RUN]
+#        (default 10 s; without --database the payments are kept in SQLite
+#        under a fresh data dir, with it in that Postgres database, which the
+#        runs share: settlement ids carry a per-run prefix so every run
+#        settles every line)
 # Env: ROUNDS (batches per pool size, default 3), CONNS (wrk connections for
 #      payments, default 64), BATCH_CLIENTS (back-to-back batch senders in (b),
 #      default 1). Needs wrk and curl (apt-get install -y wrk curl); builds
 #      release binaries itself. Prints a Markdown summary at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DATABASE=
+if [ "${1:-}" = --database ]; then
+  [ -n "${2:-}" ] || { echo "--database needs a URL, e.g. --database postgres://corral:corral@127.0.0.1:5432/corral_test" >&2; exit 2; }
+  DATABASE=$2
+  shift 2
+fi
 SECS=${1:-10}
 ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-64}
@@ -32,16 +43,26 @@ VERIFY=target/release/payments_verify
 source bench/lib.sh
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# start_pay NAME ARGS...: a payments cluster on a fresh data dir.
+# start_pay NAME ARGS...: a payments cluster on a fresh data dir (and on
+# --database when given).
+DB_ARGS=()
+[ -n "$DATABASE" ] && DB_ARGS=(--database "$DATABASE")
+STORE=${DATABASE:+Postgres}
+STORE=${STORE:-SQLite}
 start_pay() {
   local name=$1; shift
-  start "$name" "$PAY" --listen 127.0.0.1:0 --data-dir "$TMP/data-$name" "$@"
+  start "$name" "$PAY" --listen 127.0.0.1:0 --data-dir "$TMP/data-$name" "${DB_ARGS[@]}" "$@"
 }
 
-# Fresh batches (distinct ids per seed, so every run settles every line).
-echo "generating $ROUNDS batches of $LINES lines..." >&2
-for s in $(seq "$ROUNDS"); do
-  "$PAY" gen-batch --lines "$LINES" --bad-every "$BAD_EVERY" --seed "$s" >"$TMP/batch$s.csv"
+# Fresh batches: distinct ids per seed, and per pool size and run, since a
+# Postgres database outlives each cluster (and this run), so that every
+# batch of (a) settles every line.
+echo "generating $((2 * ROUNDS)) batches of $LINES lines..." >&2
+RUN="bench-$$-$(date +%s)"
+for t in 1 "$NPROC"; do
+  for s in $(seq "$ROUNDS"); do
+    "$PAY" gen-batch --lines "$LINES" --bad-every "$BAD_EVERY" --seed "$s" --id-prefix "$RUN-$t" >"$TMP/batch$t-$s.csv"
+  done
 done
 WANT_ACCEPTED=$((LINES - LINES / BAD_EVERY))
 
@@ -60,7 +81,7 @@ for t in 1 "$NPROC"; do
   start_pay "pool$t" --workers max --pool-threads "$t"
   rates=()
   for s in $(seq "$ROUNDS"); do
-    secs=$(post_batch "$TMP/batch$s.csv")
+    secs=$(post_batch "$TMP/batch$t-$s.csv")
     grep -q "\"accepted\":$WANT_ACCEPTED," "$TMP/answer.json" \
       || { echo "unexpected answer: $(head -c 300 "$TMP/answer.json")" >&2; exit 1; }
     rates+=("$(awk -v n="$LINES" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')")
@@ -94,7 +115,7 @@ for c in $(seq "$BATCH_CLIENTS"); do
       for s in $(seq "$ROUNDS"); do
         # The first pass settles, later passes find the ids already settled;
         # every line's signature is verified either way.
-        post_batch "$TMP/batch$s.csv" >/dev/null && echo >>"$TMP/batches_done"
+        post_batch "$TMP/batch1-$s.csv" >/dev/null && echo >>"$TMP/batches_done"
       done
     done
   ) &
@@ -120,9 +141,9 @@ PAY_ERR=$(echo "$PAY_OUT" | awk '/Socket errors/ {print}')
 pct() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f%%", 100 * a / b }'; }
 echo
 echo "Machine: $NPROC cores, $(lscpu | sed -n 's/Model name:[ ]*//p'), $(uname -sr); load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "Command: bench/payments.sh $SECS   (ROUNDS=$ROUNDS CONNS=$CONNS BATCH_CLIENTS=$BATCH_CLIENTS)"
+echo "Command: bench/payments.sh ${DATABASE:+--database URL }$SECS   (ROUNDS=$ROUNDS CONNS=$CONNS BATCH_CLIENTS=$BATCH_CLIENTS); store: $STORE"
 echo
-echo "(a) settlement of a $LINES-line batch (1% bad signatures), transactions/s"
+echo "(a) settlement of a $LINES-line batch (1% bad signatures) into $STORE, transactions/s"
 echo
 echo "| measure | 1 thread | $NPROC threads | parallel efficiency |"
 echo "| --- | --- | --- | --- |"
@@ -138,7 +159,7 @@ echo "| --- | --- | --- | --- | --- |"
 echo "| idle | $IDLE_P50 | $IDLE_P99 | $IDLE_MAX | $IDLE_RPS |"
 echo "| $BATCH_CLIENTS client(s) posting $LINES-line batches back to back ($BATCHES batches done) | $BUSY_P50 | $BUSY_P99 | $BUSY_MAX | $BUSY_RPS |"
 echo
-echo "(c) payments created: wrk -t2 -c$CONNS -d${SECS}s, unique Idempotency-Key per request, --workers max"
+echo "(c) payments created into $STORE: wrk -t2 -c$CONNS -d${SECS}s, unique Idempotency-Key per request, --workers max"
 echo
 echo "| payments/s | p99 ms | non-2xx | socket errors |"
 echo "| --- | --- | --- | --- |"
