@@ -19,7 +19,7 @@
 //! the [`Store`] calls made from pool threads and `spawn_blocking`.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use postgres::error::SqlState;
 use postgres::{Client, NoTls, Transaction};
@@ -32,8 +32,12 @@ use crate::domain::settlement::{merge, BatchResult, Checked};
 /// The migrations, in order; each runs once per database.
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_init.sql"))];
 
-/// Idle connections kept per process.
-const MAX_IDLE: usize = 8;
+/// Connections a process opens at most; callers beyond them wait for one
+/// to be handed back. Opening one per caller instead costs a handshake and a
+/// new Postgres backend process each time: under 64 concurrent requests a
+/// node spent more time connecting than storing (402 connections opened in
+/// 4 s, 463 payments/s; bench/RESULTS.md).
+const MAX_CONNECTIONS: usize = 8;
 
 /// Ids claimed per statement when settling.
 const CLAIM_CHUNK: usize = 5_000;
@@ -42,10 +46,24 @@ const CLAIM_CHUNK: usize = 5_000;
 /// failure.
 const RETRIES: usize = 8;
 
-/// A handle on a Postgres database. Keeps a few idle connections.
+/// A handle on a Postgres database over at most [`MAX_CONNECTIONS`]
+/// connections, kept open between calls.
 pub struct PgStore {
     url: String,
-    idle: Mutex<Vec<Client>>,
+    pool: Mutex<Pool>,
+    /// Signalled when a connection is handed back or given up.
+    returned: Condvar,
+}
+
+/// The connections of a [`PgStore`]. Written here because the blocking
+/// pool crate for `postgres` (r2d2_postgres) is not among the workspace's
+/// dependencies, and a counter and a condition variable are all it takes:
+/// the calls come from pool threads and `spawn_blocking`, which may wait.
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Client>,
+    /// Connections open, idle or lent out.
+    open: usize,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -68,7 +86,8 @@ impl PgStore {
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let store = PgStore {
             url: url.to_owned(),
-            idle: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
+            returned: Condvar::new(),
         };
         let failed = |e: postgres::Error| StoreError::Connect {
             url: redact(url),
@@ -80,30 +99,62 @@ impl PgStore {
             Ok::<_, postgres::Error>(client)
         })
         .map_err(failed)?;
+        store.lock().open = 1;
         store.put_back(client);
         Ok(store)
     }
 
-    fn put_back(&self, client: Client) {
-        if let Ok(mut idle) = self.idle.lock() {
-            if idle.len() < MAX_IDLE && !client.is_closed() {
-                idle.push(client);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        // A panic while holding the lock leaves the pool consistent (it is
+        // only pushed to, popped from and counted).
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle connection, a new one below the cap, or the next one handed
+    /// back.
+    fn take(&self) -> Result<Client, StoreError> {
+        let mut pool = self.lock();
+        loop {
+            if let Some(client) = pool.idle.pop() {
+                return Ok(client);
             }
+            if pool.open < MAX_CONNECTIONS {
+                pool.open += 1;
+                drop(pool);
+                return Client::connect(&self.url, NoTls).map_err(|e| {
+                    self.give_up();
+                    e.into()
+                });
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// One connection fewer (failed to open, or found closed).
+    fn give_up(&self) {
+        self.lock().open -= 1;
+        self.returned.notify_one();
+    }
+
+    fn put_back(&self, client: Client) {
+        if client.is_closed() {
+            drop(client);
+            self.give_up();
+            return;
+        }
+        self.lock().idle.push(client);
+        self.returned.notify_one();
     }
 
     fn with_client<T>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let mut client = match pooled {
-            Some(c) => c,
-            None => Client::connect(&self.url, NoTls)?,
+        let mut lent = Lent {
+            store: self,
+            client: Some(self.take()?),
         };
-        let out = f(&mut client);
-        self.put_back(client);
-        out
+        f(lent.client.as_mut().expect("lent until dropped"))
     }
 
     /// Run `f` in a transaction, again when Postgres aborts it as a
@@ -131,11 +182,34 @@ impl PgStore {
     }
 }
 
+/// A connection lent to one call: handed back when the call ends, given up
+/// if it panicked (the connection may be mid-transaction), so the pool never
+/// loses count.
+struct Lent<'a> {
+    store: &'a PgStore,
+    client: Option<Client>,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if std::thread::panicking() {
+            drop(client);
+            self.store.give_up();
+        } else {
+            self.store.put_back(client);
+        }
+    }
+}
+
 impl Drop for PgStore {
     fn drop(&mut self) {
         // Each client owns a small runtime, which may not be dropped on a
         // thread that drives async tasks (a worker shutting down).
-        let idle = std::mem::take(self.idle.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let pool = self.pool.get_mut().unwrap_or_else(|e| e.into_inner());
+        let idle = std::mem::take(&mut pool.idle);
         off_runtime(move || drop(idle));
     }
 }
