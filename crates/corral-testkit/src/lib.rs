@@ -261,30 +261,25 @@ struct ProcessEntry {
 
 /// Every process on the machine.
 fn processes() -> Vec<ProcessEntry> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    entries
-        .flatten()
-        .filter_map(|entry| process(entry.file_name().to_str()?.parse().ok()?))
+    all.flatten()
+        .filter_map(|process| entry(process.stat().ok()?))
         .collect()
 }
 
 /// One process, if it exists.
 fn process(pid: i32) -> Option<ProcessEntry> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is parenthesised and may hold spaces; the fields after
-    // it are: state, ppid, pgrp, ...
-    let (_, after) = stat.rsplit_once(") ")?;
-    let mut fields = after.split_whitespace();
-    let zombie = fields.next()? == "Z";
-    let parent = fields.next()?.parse().ok()?;
-    let group = fields.next()?.parse().ok()?;
+    entry(procfs::process::Process::new(pid).ok()?.stat().ok()?)
+}
+
+fn entry(stat: procfs::process::Stat) -> Option<ProcessEntry> {
     Some(ProcessEntry {
-        pid,
-        zombie,
-        parent,
-        group,
+        pid: stat.pid,
+        zombie: stat.state == 'Z',
+        parent: stat.ppid,
+        group: stat.pgrp,
     })
 }
 
