@@ -137,6 +137,8 @@ pub(crate) struct Config {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// On stop, how long workers keep serving after hearing the node drains.
+    pub drain_delay: Duration,
     pub drain_grace: Duration,
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
@@ -191,6 +193,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             drain_grace: Duration::from_secs(2),
             max_requests: None,
             max_requests_jitter: 0,
