@@ -15,7 +15,12 @@ use crate::net::bind::Layout;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Workers {
-    /// One worker per available core (`--workers max`).
+    /// One worker per available core (`--workers max`): the CPUs of this
+    /// process's affinity mask, capped on Linux by its cgroup CPU quota (v2
+    /// `cpu.max` or v1 `cpu.cfs_quota_us`, as a container's CPU limit sets
+    /// it), rounded down and at least 1. That is what
+    /// `std::thread::available_parallelism` returns; `tests/cpu_quota.rs`
+    /// checks it in a real cgroup.
     #[default]
     PerCore,
     /// Exactly this many workers (at least one).
