@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use cluster_support::*;
 use nix::sys::signal::Signal;
 
-const PAYMENT: &[u8] = br#"{"merchant_id":"acme","amount":700,"currency":"EUR","reference":"drain"}"#;
+const PAYMENT: &[u8] =
+    br#"{"merchant_id":"acme","amount":700,"currency":"EUR","reference":"drain"}"#;
 
 /// A keep-alive connection on each worker slot, found by asking `/health`.
 fn one_connection_per_slot(cluster: &Cluster) -> BTreeMap<u64, Conn> {
@@ -29,7 +30,8 @@ fn one_connection_per_slot(cluster: &Cluster) -> BTreeMap<u64, Conn> {
 }
 
 fn health(conn: &mut Conn) -> Answer {
-    conn.request("GET", "/health", &[], b"").expect("GET /health")
+    conn.request("GET", "/health", &[], b"")
+        .expect("GET /health")
 }
 
 #[test]
@@ -99,7 +101,10 @@ fn sigterm_with_a_drain_delay_fails_readiness_at_once_and_keeps_serving() {
     let took = sigterm.elapsed();
     let stderr = cluster.stderr();
     assert!(status.success(), "{status:?}; stderr:\n{stderr}");
-    assert!(took >= Duration::from_secs(2), "exited {took:?} after SIGTERM");
+    assert!(
+        took >= Duration::from_secs(2),
+        "exited {took:?} after SIGTERM"
+    );
     assert!(stderr.contains("the node is draining"), "{stderr}");
     assert!(stderr.contains("drain delay of 2s over"), "{stderr}");
     eprintln!("primary exited 0 {took:?} after SIGTERM");
@@ -146,7 +151,10 @@ fn without_a_drain_delay_sigterm_stops_as_before() {
     let stderr = cluster.stderr();
     assert!(status.success(), "{status:?}; stderr:\n{stderr}");
     assert!(!stderr.contains("--drain-delay"), "{stderr}");
-    assert!(stderr.contains("SIGTERM: stopping; draining 2 workers"), "{stderr}");
+    assert!(
+        stderr.contains("SIGTERM: stopping; draining 2 workers"),
+        "{stderr}"
+    );
     assert!(
         took < Duration::from_secs(10),
         "an idle cluster took {took:?} to stop"

@@ -68,7 +68,9 @@ impl ChildCgroup {
             }
         }
         let Some(root) = v1 else {
-            return Err("no cgroup v2 with the cpu controller delegated, and no v1 cpu hierarchy".into());
+            return Err(
+                "no cgroup v2 with the cpu controller delegated, and no v1 cpu hierarchy".into(),
+            );
         };
         let cgroup = ChildCgroup::make(&root, name)?;
         cgroup.write("cpu.cfs_period_us", &period_us.to_string())?;
@@ -137,7 +139,10 @@ fn workers_max_runs_one_worker_per_cpu_of_the_cgroup_quota() {
     let test = "workers_max_runs_one_worker_per_cpu_of_the_cgroup_quota";
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
-        skipped(test, "this machine has one CPU: a quota of one cannot lower it");
+        skipped(
+            test,
+            "this machine has one CPU: a quota of one cannot lower it",
+        );
         return;
     }
     let cgroup = match ChildCgroup::with_cpu_quota("corral-quota", 100_000, 100_000) {

@@ -1021,7 +1021,11 @@ fn drain_delay_holds_the_drain_back_and_a_second_stop_cuts_it_short() {
                 _ => None,
             })
             .collect();
-        assert_eq!(notified, vec![sim.current(0), sim.current(1)], "delay {delay}");
+        assert_eq!(
+            notified,
+            vec![sim.current(0), sim.current(1)],
+            "delay {delay}"
+        );
         let mut drained_at = None;
         let mut elapsed = 0;
         while elapsed <= 3000 {
@@ -1053,7 +1057,11 @@ fn drain_delay_holds_the_drain_back_and_a_second_stop_cuts_it_short() {
                 sim.send(Event::Timer);
             }
         }
-        assert_eq!(drained_at, Some(expected), "delay {delay}, second {second:?}");
+        assert_eq!(
+            drained_at,
+            Some(expected),
+            "delay {delay}, second {second:?}"
+        );
         assert_eq!(
             sim.logged("again during the drain delay: stopping now"),
             second.is_some_and(|at| at < delay),
@@ -1064,7 +1072,10 @@ fn drain_delay_holds_the_drain_back_and_a_second_stop_cuts_it_short() {
             "a second SIGTERM during the delay drains, it does not kill"
         );
         sim.reap_drained();
-        assert!(sim.exited, "delay {delay}: the primary exits once all drained");
+        assert!(
+            sim.exited,
+            "delay {delay}: the primary exits once all drained"
+        );
     }
 }
 
