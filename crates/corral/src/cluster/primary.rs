@@ -157,6 +157,7 @@ fn rules(config: &Config) -> Rules {
         retry_first: Duration::from_secs(1),
         retry_max: Duration::from_secs(30),
         max_memory: config.max_memory,
+        drain_delay: config.drain_delay,
     }
 }
 
@@ -446,7 +447,7 @@ impl Executor {
                 self.perform(action);
             }
         }
-        if self.state.stopping && !self.told_stopping {
+        if self.state.leaving() && !self.told_stopping {
             self.told_stopping = true;
             crate::systemd::stopping();
         }
@@ -470,6 +471,12 @@ impl Executor {
                 self.follow_ups.push_back(event);
             }
             Action::Drain { id, by, backlog } => self.drain(id, by, backlog),
+            Action::NotifyDraining { id } => {
+                if let Some(outbox) = self.handles.get(&id).and_then(|h| h.outbox.as_ref()) {
+                    // A full queue means a worker far behind; it still drains on time.
+                    let _ = outbox.sender.try_send(ToWorker::NodeDraining);
+                }
+            }
             Action::Kill { id } => {
                 if let Some(handle) = self.handles.get_mut(&id) {
                     handle.connections = None;
