@@ -88,6 +88,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let events = Arc::new(ClusterEvents::start(worker.clone()));
         let state = AppState::with_parts(config, worker.slot(), heavy, events)
             .map_err(corral::BoxError::from)?;
+        // Readiness fails as soon as the node drains, while this worker
+        // still serves (--drain-delay), so balancers move traffic first.
+        let readiness = worker.clone();
+        state.report_draining_by(move || readiness.is_node_draining());
         let _sweeper = payments::jobs::start_sweeper(&state);
         // Header and idle timeouts, the connection cap and request tracking
         // come with corral's serve.

@@ -25,7 +25,11 @@ struct Inner {
     events: Arc<dyn Events>,
     /// Identifies this process as the holder of async batch leases.
     owner: String,
+    /// Says whether the node is going away (`/health` then answers 503).
+    draining: std::sync::OnceLock<DrainingCheck>,
 }
+
+type DrainingCheck = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -72,6 +76,7 @@ impl AppState {
                 decode_budget: DecodeBudget::default(),
                 events,
                 owner,
+                draining: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -109,6 +114,18 @@ impl AppState {
     /// Known merchants.
     pub fn merchants(&self) -> &Merchants {
         &self.inner.config.merchants
+    }
+
+    /// Makes `/health` answer 503 whenever `draining` says the node is
+    /// going away (the clustered main passes `Worker::is_node_draining`).
+    /// Only the first call counts.
+    pub fn report_draining_by(&self, draining: impl Fn() -> bool + Send + Sync + 'static) {
+        let _ = self.inner.draining.set(Box::new(draining));
+    }
+
+    /// True once the node is going away; without a check, never.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.get().is_some_and(|draining| draining())
     }
 
     /// This process's lease-holder identity.

@@ -179,15 +179,7 @@ async fn mixed_batch_then_resubmission() {
 
     // Fetch the synchronous batch by id.
     let id = got["batch_id"].as_str().expect("id");
-    let fetched: Value = s
-        .client
-        .get(s.url(&format!("/v1/settlements/{id}")))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let fetched: Value = s.get_json(&format!("/v1/settlements/{id}")).await;
     assert_eq!(fetched["status"], "done");
     assert_eq!(fetched["processed"], json!(e.total));
     assert_matches(&fetched, &e);
@@ -368,15 +360,7 @@ async fn racing_batches_settle_each_id_once() {
 /// Poll a batch until it is done (bounded; completion does not depend on timing).
 async fn wait_done(s: &Server, location: &str) -> Value {
     for _ in 0..3000 {
-        let v: Value = s
-            .client
-            .get(s.url(location))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
+        let v: Value = s.get_json(location).await;
         if v["status"] == "done" {
             return v;
         }
@@ -406,15 +390,7 @@ async fn async_batch_is_processing_then_done() {
     assert_eq!(location, format!("/v1/settlements/{batch_id}"));
 
     let e = expect(&csv, &mut HashSet::new());
-    let pending: Value = s
-        .client
-        .get(s.url(&location))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let pending: Value = s.get_json(&location).await;
     assert_eq!(pending["status"], "processing");
     assert_eq!(pending["processed"], 0);
     assert_eq!(pending["total"], json!(e.total));
@@ -422,30 +398,14 @@ async fn async_batch_is_processing_then_done() {
 
     // A second process sees the same state.
     let other = serve(config(dir.path()), 1).await;
-    let seen: Value = other
-        .client
-        .get(other.url(&location))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let seen: Value = other.get_json(&location).await;
     assert_eq!(seen["status"], "processing");
 
     release.release().await;
     let done = wait_done(&s, &location).await;
     assert_eq!(done["processed"], json!(e.total));
     assert_matches(&done, &e);
-    let seen: Value = other
-        .client
-        .get(other.url(&location))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let seen: Value = other.get_json(&location).await;
     assert_eq!(seen, done);
 
     // Progress, then completion, were published (the event may trail the
@@ -556,26 +516,10 @@ async fn stored_job_is_recovered_by_a_fresh_state() {
     let fresh = AppState::new(config(dir.path()), 1).expect("state");
     assert_eq!(jobs::recover(&fresh).await.expect("recover"), 1);
     let s = serve_state(fresh).await;
-    let done: Value = s
-        .client
-        .get(s.url("/v1/settlements/stl_orphan"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let done: Value = s.get_json("/v1/settlements/stl_orphan").await;
     assert_eq!(done["status"], "done");
     assert_matches(&done, &e);
-    let leased: Value = s
-        .client
-        .get(s.url("/v1/settlements/stl_leased"))
-        .send()
-        .await
-        .expect("get")
-        .json()
-        .await
-        .expect("json");
+    let leased: Value = s.get_json("/v1/settlements/stl_leased").await;
     assert_eq!(leased["status"], "processing");
     // Nothing left to claim; the recovered job is not run twice.
     assert_eq!(jobs::recover(&s.state).await.expect("recover"), 0);
@@ -662,15 +606,7 @@ fn async_batch_survives_killing_every_process() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(claimed, 1);
-        let done: Value = s
-            .client
-            .get(s.url(&location))
-            .send()
-            .await
-            .expect("get")
-            .json()
-            .await
-            .expect("json");
+        let done: Value = s.get_json(&location).await;
         assert_eq!(done["status"], "done");
         assert_matches(&done, &e);
     });

@@ -111,13 +111,9 @@ fn unexpected(answer: Response) -> Failure {
 fn gone(pid: u32) -> bool {
     #[cfg(target_os = "linux")]
     {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        match procfs::process::Process::new(pid as i32).and_then(|process| process.stat()) {
             Err(_) => true,
-            // The state follows the parenthesised command name.
-            Ok(stat) => stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state == "Z" || state == "X"),
+            Ok(stat) => matches!(stat.state, 'Z' | 'X'),
         }
     }
     #[cfg(not(target_os = "linux"))]

@@ -31,6 +31,11 @@ impl Runtime {
         self.0.join("corral").join(format!("{name}.sock"))
     }
 
+    /// A scripted primary named `name` on this runtime's socket, answering at once.
+    fn fake(&self, name: &str, pid: u32, script: Box<Script>) -> Fake {
+        Fake::start(&self.socket(name), name, pid, Duration::ZERO, script)
+    }
+
     fn corral(&self, args: &[&str]) -> Output {
         self.command(args).output().unwrap()
     }
@@ -207,13 +212,7 @@ fn stderr(output: &Output) -> String {
 #[test]
 fn status_json_is_the_status_object_verbatim() {
     let runtime = Runtime::new("status-json");
-    let _web = Fake::start(
-        &runtime.socket("web"),
-        "web",
-        4100,
-        Duration::ZERO,
-        healthy("web"),
-    );
+    let _web = runtime.fake("web", 4100, healthy("web"));
     let output = runtime.corral(&["status", "--json", "--name", "web"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let printed: Value = serde_json::from_str(&stdout(&output)).unwrap();
@@ -270,24 +269,12 @@ fn with_no_name_the_one_running_cluster_is_used_and_several_are_listed() {
         stderr(&output)
     );
 
-    let _web = Fake::start(
-        &runtime.socket("web"),
-        "web",
-        4100,
-        Duration::ZERO,
-        healthy("web"),
-    );
+    let _web = runtime.fake("web", 4100, healthy("web"));
     let output = runtime.corral(&["status", "--json"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(stdout(&output).contains("\"web\""));
 
-    let _api = Fake::start(
-        &runtime.socket("api"),
-        "api",
-        4200,
-        Duration::ZERO,
-        healthy("api"),
-    );
+    let _api = runtime.fake("api", 4200, healthy("api"));
     let output = runtime.corral(&["reload"]);
     assert_eq!(output.status.code(), Some(2));
     let err = stderr(&output);
@@ -308,20 +295,8 @@ fn with_no_name_the_one_running_cluster_is_used_and_several_are_listed() {
 #[test]
 fn list_shows_every_live_cluster_and_removes_stale_sockets() {
     let runtime = Runtime::new("list");
-    let _web = Fake::start(
-        &runtime.socket("web"),
-        "web",
-        4100,
-        Duration::ZERO,
-        healthy("web"),
-    );
-    let _api = Fake::start(
-        &runtime.socket("api"),
-        "api",
-        4200,
-        Duration::ZERO,
-        healthy("api"),
-    );
+    let _web = runtime.fake("web", 4100, healthy("web"));
+    let _api = runtime.fake("api", 4200, healthy("api"));
     let stale = runtime.socket("gone");
     drop(UnixListener::bind(&stale).unwrap());
 
@@ -372,12 +347,7 @@ fn reload_blocks_until_done_and_exits_0() {
 #[test]
 fn a_failed_reload_exits_1_with_the_reason() {
     let runtime = Runtime::new("reload-fail");
-    let _web = Fake::start(
-        &runtime.socket("web"),
-        "web",
-        4100,
-        Duration::ZERO,
-        Box::new(|_| {
+    let _web = runtime.fake("web", 4100, Box::new(|_| {
             vec![
                 Response::Accepted,
                 Response::Error {
@@ -420,13 +390,7 @@ fn reload_gives_up_waiting_after_its_timeout() {
 #[test]
 fn a_primary_that_dies_mid_reload_fails_it() {
     let runtime = Runtime::new("reload-dies");
-    let _web = Fake::start(
-        &runtime.socket("web"),
-        "web",
-        4100,
-        Duration::ZERO,
-        Box::new(|_| vec![Response::Accepted]),
-    );
+    let _web = runtime.fake("web", 4100, Box::new(|_| vec![Response::Accepted]));
     let output = runtime.corral(&["reload"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(
@@ -439,13 +403,7 @@ fn a_primary_that_dies_mid_reload_fails_it() {
 #[test]
 fn scale_sends_absolute_and_relative_targets() {
     let runtime = Runtime::new("scale");
-    let web = Fake::start(
-        &runtime.socket("web"),
-        "web",
-        4100,
-        Duration::ZERO,
-        healthy("web"),
-    );
+    let web = runtime.fake("web", 4100, healthy("web"));
     for (arg, expected) in [("4", "4 workers"), ("+2", "4 workers"), ("-1", "1 workers")] {
         let output = runtime.corral(&["scale", arg]);
         assert_eq!(output.status.code(), Some(0), "{arg}: {}", stderr(&output));
@@ -477,11 +435,9 @@ fn scale_sends_absolute_and_relative_targets() {
 #[test]
 fn a_scale_that_cannot_complete_exits_1() {
     let runtime = Runtime::new("scale-fail");
-    let _web = Fake::start(
-        &runtime.socket("web"),
+    let _web = runtime.fake(
         "web",
         4100,
-        Duration::ZERO,
         Box::new(|_| {
             vec![
                 Response::Accepted,
@@ -504,11 +460,9 @@ fn stop_waits_for_the_primary_to_be_gone() {
     let mut primary = Command::new("sleep").arg("0.7").spawn().unwrap();
     let pid = primary.id();
     let reaper = std::thread::spawn(move || primary.wait());
-    let _web = Fake::start(
-        &runtime.socket("web"),
+    let _web = runtime.fake(
         "web",
         pid,
-        Duration::ZERO,
         Box::new(move |_| vec![Response::Accepted, Response::Stopping { pid }]),
     );
     let started = Instant::now();
@@ -521,11 +475,9 @@ fn stop_waits_for_the_primary_to_be_gone() {
     // One that does not exit in time.
     let mut stubborn = Command::new("sleep").arg("30").spawn().unwrap();
     let pid = stubborn.id();
-    let _api = Fake::start(
-        &runtime.socket("api"),
+    let _api = runtime.fake(
         "api",
         pid,
-        Duration::ZERO,
         Box::new(move |_| vec![Response::Accepted, Response::Stopping { pid }]),
     );
     let output = runtime.corral(&["stop", "--name", "api", "--timeout", "300ms"]);
@@ -542,13 +494,7 @@ fn stop_waits_for_the_primary_to_be_gone() {
 #[test]
 fn logs_show_only_the_asked_slot_tagged() {
     let runtime = Runtime::new("logs");
-    let web = Fake::start(
-        &runtime.socket("web"),
-        "web",
-        4100,
-        Duration::ZERO,
-        healthy("web"),
-    );
+    let web = runtime.fake("web", 4100, healthy("web"));
     let output = runtime.corral(&["logs", "--slot", "1", "--lines", "5"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(stdout(&output), "[worker 1 pid 4102] one says hi\n");

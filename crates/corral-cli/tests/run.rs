@@ -245,3 +245,46 @@ fn a_bad_config_file_names_the_key_and_line() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("line 2: unknown key `wokers`"), "{err}");
 }
+
+/// `--drain-delay` under `corral run`: the program has no channel to hear
+/// that the node drains, but its `SIGTERM` is held back for the delay, so it
+/// keeps answering new connections until then.
+#[test]
+fn run_holds_the_programs_sigterm_back_for_the_drain_delay() {
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/server.py");
+    let command = corral(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--ready-after",
+        "300ms",
+        "--drain-delay",
+        "1500ms",
+        "--",
+        "python3",
+        server,
+    ]);
+    let mut cluster = Cluster::start(command, Duration::from_secs(30));
+    let sigterm = std::time::Instant::now();
+    cluster.signal(Signal::SIGTERM);
+    let mut served = 0;
+    while sigterm.elapsed() < Duration::from_millis(1000) {
+        hello(cluster.addr).expect("served during the drain delay");
+        served += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = cluster.wait_exit(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "{status:?}; stderr:\n{}",
+        cluster.stderr()
+    );
+    assert!(served >= 5, "only {served} requests during the delay");
+    assert!(
+        sigterm.elapsed() >= Duration::from_millis(1500),
+        "stopped {:?} after SIGTERM, before the delay was over",
+        sigterm.elapsed()
+    );
+}

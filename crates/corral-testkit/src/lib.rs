@@ -19,7 +19,7 @@ pub struct Cluster {
     child: Child,
     /// The first listening address.
     pub addr: SocketAddr,
-    /// The first line the primary printed (the listening line).
+    /// The primary's first listening line.
     pub banner: String,
     stderr: Arc<Mutex<String>>,
     stdout: Arc<Mutex<Vec<String>>>,
@@ -28,14 +28,20 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `command` (in its own process group, output captured) and
-    /// waits at most `limit` for its first stdout line, which must name
-    /// `listening on http://HOST:PORT`.
+    /// waits at most `limit` for a stdout line naming
+    /// `listening on http://HOST:PORT`. Workers' own output reaches stdout
+    /// through the primary, so that line need not be the first.
     pub fn start(command: Command, limit: Duration) -> Cluster {
         let (mut child, stderr) = spawn(command);
         let stdout = collect_lines(child.stdout.take().expect("piped stdout"));
         let mut first = None;
         let started = wait_until(limit, || {
-            first = stdout.lock().unwrap().first().cloned();
+            first = stdout
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|line| listening_addr(line).is_some())
+                .cloned();
             first.is_some()
         });
         let mut cluster = Cluster {
@@ -49,8 +55,7 @@ impl Cluster {
         let banner = first
             .filter(|_| started)
             .unwrap_or_else(|| panic!("no listening line; stderr:\n{}", cluster.stderr()));
-        cluster.addr = listening_addr(&banner)
-            .unwrap_or_else(|| panic!("unexpected first stdout line: {banner:?}"));
+        cluster.addr = listening_addr(&banner).expect("a line chosen for its address");
         cluster.banner = banner;
         cluster
     }
@@ -256,30 +261,25 @@ struct ProcessEntry {
 
 /// Every process on the machine.
 fn processes() -> Vec<ProcessEntry> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(all) = procfs::process::all_processes() else {
         return Vec::new();
     };
-    entries
-        .flatten()
-        .filter_map(|entry| process(entry.file_name().to_str()?.parse().ok()?))
+    all.flatten()
+        .filter_map(|process| entry(process.stat().ok()?))
         .collect()
 }
 
 /// One process, if it exists.
 fn process(pid: i32) -> Option<ProcessEntry> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is parenthesised and may hold spaces; the fields after
-    // it are: state, ppid, pgrp, ...
-    let (_, after) = stat.rsplit_once(") ")?;
-    let mut fields = after.split_whitespace();
-    let zombie = fields.next()? == "Z";
-    let parent = fields.next()?.parse().ok()?;
-    let group = fields.next()?.parse().ok()?;
+    entry(procfs::process::Process::new(pid).ok()?.stat().ok()?)
+}
+
+fn entry(stat: procfs::process::Stat) -> Option<ProcessEntry> {
     Some(ProcessEntry {
-        pid,
-        zombie,
-        parent,
-        group,
+        pid: stat.pid,
+        zombie: stat.state == 'Z',
+        parent: stat.ppid,
+        group: stat.pgrp,
     })
 }
 

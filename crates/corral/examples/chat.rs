@@ -1,15 +1,26 @@
-//! A WebSocket chat spread over every core: clients stick to a worker
-//! (`--balance sticky`, the default here) and see each other's messages
-//! whichever worker they are on, through corral's cluster-wide broadcast —
-//! no Redis adapter needed.
+//! A WebSocket chat spread over every core: each WebSocket goes to the
+//! worker with the fewest open connections (`--balance least-conn`, the
+//! default here), and every client sees every message whichever worker it
+//! is on, through corral's cluster-wide broadcast — no Redis adapter needed.
 //!
 //! ```text
-//! cargo run --release -p corral --example chat -- --listen 127.0.0.1:8080
-//! open http://127.0.0.1:8080/ in two browsers
+//! cargo run --release -p corral --example chat -- --listen 127.0.0.1:8080 --workers 2
+//! open http://127.0.0.1:8080/
 //! ```
 //!
-//! Every message reaches clients as `{"slot": S, "text": "..."}`, where `S` is
-//! the slot of the worker that received it from its sender.
+//! The page opens several sockets from the one browser (`/?sockets=N`,
+//! default 4) and shows, per socket, the worker (slot and pid) holding it
+//! and the messages it receives: a message sent on a socket held by worker 0
+//! shows up on the sockets held by worker 1, so it crossed processes.
+//!
+//! WebSocket needs no stickiness: its connection stays on the worker that
+//! accepted it. (Sticky balancing matters for long-polling fallbacks, whose
+//! requests must all reach one worker: `--balance sticky` steers by client
+//! address, so from one machine every tab lands on one worker.)
+//!
+//! Each socket first receives `{"welcome": true, "slot": S, "pid": P}` (the
+//! worker holding it), then every message as `{"slot": S, "pid": P, "text":
+//! "..."}`, where `S` and `P` are the worker that received it from its sender.
 
 use std::sync::Arc;
 
@@ -24,7 +35,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 #[derive(Parser)]
-#[command(about = "corral's WebSocket chat: sticky sessions plus cluster-wide broadcast")]
+#[command(
+    about = "corral's WebSocket chat: sockets spread over the workers, messages broadcast cluster-wide"
+)]
 struct Cli {
     #[command(flatten)]
     cluster: corral::ClusterArgs,
@@ -35,6 +48,8 @@ struct Cli {
 struct ChatLine {
     /// The slot of the worker that received the line from its sender.
     slot: usize,
+    /// That worker's process id.
+    pid: u32,
     text: String,
 }
 
@@ -49,7 +64,9 @@ fn main() -> corral::Result<()> {
     let cli = Cli::parse();
     let mut cluster = cli.cluster.builder();
     if cli.cluster.balance.is_none() {
-        cluster = cluster.balance(corral::Balance::Sticky);
+        // Long-lived sockets: the next one goes where the fewest are open,
+        // so one browser's sockets land on different workers.
+        cluster = cluster.balance(corral::Balance::LeastConnections);
     }
     cluster.run(|worker| async move {
         let (local, _) = broadcast::channel(1024);
@@ -90,11 +107,20 @@ async fn upgrade(upgrade: WebSocketUpgrade, State(chat): State<Chat>) -> impl In
 
 /// Relays one client's lines to the whole cluster and the cluster's lines to it.
 async fn converse(mut socket: WebSocket, chat: Chat, mut lines: broadcast::Receiver<Arc<str>>) {
+    let pid = std::process::id();
+    let welcome = serde_json::json!({"welcome": true, "slot": chat.worker.slot(), "pid": pid});
+    if socket
+        .send(Message::Text(welcome.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
     loop {
         tokio::select! {
             incoming = socket.recv() => match incoming {
                 Some(Ok(Message::Text(text))) => {
-                    let line = ChatLine { slot: chat.worker.slot(), text: text.to_string() };
+                    let line = ChatLine { slot: chat.worker.slot(), pid, text: text.to_string() };
                     if let Err(err) = chat.worker.broadcast(&line) {
                         let _ = socket.send(Message::Text(format!("{{\"error\": \"{err}\"}}").into())).await;
                     }
@@ -119,18 +145,49 @@ async fn converse(mut socket: WebSocket, chat: Chat, mut lines: broadcast::Recei
     }
 }
 
+/// Several sockets from one browser, each with the worker that holds it.
 const PAGE: &str = r#"<!doctype html>
 <meta charset="utf-8"><title>corral chat</title>
-<style>body{font:16px system-ui;max-width:40em;margin:2em auto}#log{height:20em;overflow:auto;border:1px solid #ccc;padding:.5em}</style>
+<style>
+body{font:15px system-ui;margin:1.5em}
+#sockets{display:grid;grid-template-columns:repeat(auto-fill,minmax(18em,1fr));gap:1em}
+.socket{border:1px solid #ccc;border-radius:6px;padding:.6em}
+.socket h2{font-size:1em;margin:0 0 .4em}
+.log{height:14em;overflow:auto;background:#fafafa;padding:.3em;font-size:.9em}
+.log p{margin:.15em 0}.other{color:#06c;font-weight:600}
+</style>
 <h1>corral chat</h1>
-<div id="log"></div>
-<form id="f"><input id="t" autofocus size="50"> <button>send</button></form>
+<p>Each box is one WebSocket of this page, held by the worker named in its title.
+A message sent on one socket reaches every socket; <span class="other">blue</span>
+lines came from a different worker process than the one holding the socket.</p>
+<div id="sockets"></div>
 <script>
-const ws = new WebSocket(`ws://${location.host}/ws`);
-const log = document.getElementById('log');
-ws.onmessage = e => { const m = JSON.parse(e.data); const p = document.createElement('p');
-  p.textContent = `[worker ${m.slot}] ${m.text}`; log.append(p); log.scrollTop = log.scrollHeight; };
-document.getElementById('f').onsubmit = e => { e.preventDefault(); const t = document.getElementById('t');
-  if (t.value) ws.send(t.value); t.value = ''; };
+const count = Math.max(1, Math.min(16, Number(new URLSearchParams(location.search).get('sockets')) || 4));
+const box = document.getElementById('sockets');
+for (let i = 0; i < count; i++) {
+  const div = document.createElement('div');
+  div.className = 'socket';
+  div.innerHTML = `<h2>socket ${i}: connecting…</h2><div class="log"></div>
+    <form><input size="22" placeholder="send from socket ${i}"> <button>send</button></form>`;
+  box.append(div);
+  const title = div.querySelector('h2'), log = div.querySelector('.log');
+  const ws = new WebSocket(`ws://${location.host}/ws`);
+  let mine = null;
+  ws.onmessage = e => {
+    const m = JSON.parse(e.data);
+    if (m.welcome) { mine = m.pid; title.textContent = `socket ${i}: worker ${m.slot} (pid ${m.pid})`; return; }
+    const p = document.createElement('p');
+    p.textContent = `[from worker ${m.slot}, pid ${m.pid}] ${m.text}`;
+    if (m.pid !== mine) p.className = 'other';
+    log.append(p); log.scrollTop = log.scrollHeight;
+  };
+  ws.onclose = () => { title.textContent += ' (closed)'; };
+  div.querySelector('form').onsubmit = e => {
+    e.preventDefault();
+    const input = div.querySelector('input');
+    if (input.value) ws.send(input.value);
+    input.value = '';
+  };
+}
 </script>
 "#;

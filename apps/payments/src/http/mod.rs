@@ -15,7 +15,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{extract::State, Json, Router};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::state::AppState;
 use error::ApiError;
@@ -48,6 +48,15 @@ fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response {
         .into_response()
 }
 
-async fn health(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"status": "ok", "worker": state.slot()}))
+/// Readiness and liveness: 200 while serving; 503 as soon as the node
+/// drains, while the workers still serve, so a readiness probe or a load
+/// balancer's health check moves traffic away before they stop accepting.
+/// (A liveness probe on it must tolerate failures for longer than
+/// `--drain-delay` plus `--shutdown-timeout`.)
+async fn health(State(state): State<AppState>) -> Response {
+    if state.is_draining() {
+        let body = Json(json!({"status": "draining", "worker": state.slot()}));
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+    }
+    Json(json!({"status": "ok", "worker": state.slot()})).into_response()
 }

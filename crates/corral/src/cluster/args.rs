@@ -88,6 +88,10 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub shutdown_timeout: Option<Duration>,
 
+    /// On stop, keep serving this long after telling the workers the node is draining (readiness fails), then drain (e.g. 5s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
+    pub drain_delay: Duration,
+
     /// A worker that crashes before serving this long counts towards the crash loop (e.g. 5s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub min_uptime: Option<Duration>,
@@ -205,6 +209,7 @@ impl ClusterArgs {
         if let Some(timeout) = self.shutdown_timeout {
             builder = builder.shutdown_timeout(timeout);
         }
+        builder = builder.drain_delay(self.drain_delay);
         if let Some(admin) = &self.admin {
             builder = builder.admin(admin.clone());
         }

@@ -191,6 +191,25 @@ impl ClusterBuilder {
         self
     }
 
+    /// On stop (`SIGTERM`, `SIGINT`, `corral stop`), how long the workers keep
+    /// serving after being told their node is draining (default 0: drain at
+    /// once). During the delay [`Worker::is_node_draining`](crate::Worker::is_node_draining)
+    /// is true, so a readiness endpoint can answer 503 and a load balancer or
+    /// Kubernetes Service stops sending before anyone stops accepting; then
+    /// the usual graceful stop follows. A second stop request during the delay
+    /// stops at once. Programs under `corral run` have no channel and are not
+    /// told: for them the delay only holds back their `SIGTERM`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let b = corral::Cluster::builder().drain_delay(Duration::from_secs(5));
+    /// # drop(b);
+    /// ```
+    pub fn drain_delay(mut self, delay: Duration) -> Self {
+        self.config.drain_delay = delay;
+        self
+    }
+
     /// How long a draining worker keeps idle keep-alive connections open, so
     /// that clients sending on them get a response with `Connection: close`
     /// rather than a reset (default 2 s).

@@ -15,7 +15,12 @@ use crate::net::bind::Layout;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Workers {
-    /// One worker per available core (`--workers max`).
+    /// One worker per available core (`--workers max`): the CPUs of this
+    /// process's affinity mask, capped on Linux by its cgroup CPU quota (v2
+    /// `cpu.max` or v1 `cpu.cfs_quota_us`, as a container's CPU limit sets
+    /// it), rounded down and at least 1. That is what
+    /// `std::thread::available_parallelism` returns; `tests/cpu_quota.rs`
+    /// checks it in a real cgroup.
     #[default]
     PerCore,
     /// Exactly this many workers (at least one).
@@ -137,6 +142,8 @@ pub(crate) struct Config {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub shutdown_timeout: Duration,
+    /// On stop, how long workers keep serving after hearing the node drains.
+    pub drain_delay: Duration,
     pub drain_grace: Duration,
     pub max_requests: Option<u64>,
     pub max_requests_jitter: u64,
@@ -191,6 +198,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             drain_grace: Duration::from_secs(2),
             max_requests: None,
             max_requests_jitter: 0,

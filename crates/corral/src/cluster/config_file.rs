@@ -384,6 +384,7 @@ mod tests {
 workers = 6
 listen = ["127.0.0.1:0", "127.0.0.2:0"]
 heartbeat-timeout = "2s"
+drain-delay = "5s"
 max_memory = "512M"
 proxy-protocol = true
 balance = "least-conn"
@@ -394,6 +395,7 @@ data-dir = "/var/lib/app"
         assert_eq!(cli.cluster.workers, Workers::Fixed(2));
         assert_eq!(cli.cluster.listen, ["127.0.0.1:0", "127.0.0.2:0"]);
         assert_eq!(cli.cluster.heartbeat_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(cli.cluster.drain_delay, Duration::from_secs(5));
         assert_eq!(cli.cluster.max_memory, Some(512 << 20));
         assert!(cli.cluster.proxy_protocol);
         assert_eq!(cli.cluster.balance, Some(crate::Balance::LeastConnections));

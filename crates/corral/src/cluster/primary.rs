@@ -35,6 +35,7 @@ use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
 use crate::metrics::status::{
     ClusterStatus, ReloadStatus, SlotStatus, WorkerStatus, WorkerSummary,
 };
+use crate::metrics::ProcessFigures;
 use crate::net::bind::{adopt, bind_all, bind_error, resolve, steer_all, BoundAddress};
 use crate::net::fd_passing::{ConnectionSender, PassedConnection};
 use crate::net::steering::{SlotTraffic, Steering};
@@ -156,6 +157,7 @@ fn rules(config: &Config) -> Rules {
         retry_first: Duration::from_secs(1),
         retry_max: Duration::from_secs(30),
         max_memory: config.max_memory,
+        drain_delay: config.drain_delay,
     }
 }
 
@@ -246,7 +248,7 @@ struct Handle {
 /// Figures the primary measures itself, from /proc and between heartbeats.
 #[derive(Default)]
 struct Vitals {
-    cpu_ticks: Option<(Instant, u64)>,
+    cpu_seconds: Option<(Instant, f64)>,
     cpu_percent: Option<f64>,
     rss_bytes: Option<u64>,
     requests: Option<(Instant, u64)>,
@@ -445,7 +447,7 @@ impl Executor {
                 self.perform(action);
             }
         }
-        if self.state.stopping && !self.told_stopping {
+        if self.state.leaving() && !self.told_stopping {
             self.told_stopping = true;
             crate::systemd::stopping();
         }
@@ -469,6 +471,12 @@ impl Executor {
                 self.follow_ups.push_back(event);
             }
             Action::Drain { id, by, backlog } => self.drain(id, by, backlog),
+            Action::NotifyDraining { id } => {
+                if let Some(outbox) = self.handles.get(&id).and_then(|h| h.outbox.as_ref()) {
+                    // A full queue means a worker far behind; it still drains on time.
+                    let _ = outbox.sender.try_send(ToWorker::NodeDraining);
+                }
+            }
             Action::Kill { id } => {
                 if let Some(handle) = self.handles.get_mut(&id) {
                     handle.connections = None;
@@ -866,19 +874,19 @@ impl Executor {
     fn sample_vitals(&mut self) {
         let now = Instant::now();
         for handle in self.handles.values_mut() {
-            let Some((ticks, rss)) = read_proc_figures(handle.pid) else {
+            let Some(figures) = ProcessFigures::of(handle.pid) else {
                 continue;
             };
             let vitals = &mut handle.vitals;
-            if let Some((at, before)) = vitals.cpu_ticks {
+            if let Some((at, before)) = vitals.cpu_seconds {
                 let elapsed = now.duration_since(at).as_secs_f64();
                 if elapsed > 0.0 {
-                    let seconds = ticks.saturating_sub(before) as f64 / clock_ticks_per_second();
-                    vitals.cpu_percent = Some((seconds / elapsed * 100.0 * 10.0).round() / 10.0);
+                    let spent = (figures.cpu_seconds - before).max(0.0);
+                    vitals.cpu_percent = Some(round1(spent / elapsed * 100.0));
                 }
             }
-            vitals.cpu_ticks = Some((now, ticks));
-            vitals.rss_bytes = Some(rss);
+            vitals.cpu_seconds = Some((now, figures.cpu_seconds));
+            vitals.rss_bytes = Some(figures.rss_bytes);
         }
     }
 
@@ -1155,31 +1163,4 @@ fn describe_exit(status: &std::io::Result<ExitStatus>) -> String {
 
 fn round1(value: f64) -> f64 {
     (value * 10.0).round() / 10.0
-}
-
-/// CPU time (clock ticks, user + system) and resident bytes of a process.
-#[cfg(target_os = "linux")]
-fn read_proc_figures(pid: u32) -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are fixed.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()? as u64;
-    Some((utime + stime, rss_pages * page))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn read_proc_figures(_pid: u32) -> Option<(u64, u64)> {
-    None
-}
-
-fn clock_ticks_per_second() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |ticks| ticks as f64)
 }

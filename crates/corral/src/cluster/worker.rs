@@ -123,6 +123,8 @@ struct Shared {
     take_backlog: Arc<AtomicBool>,
     /// Cancelled when draining starts: stop accepting, close keep-alives.
     draining: CancellationToken,
+    /// Set when the primary announced that the node is going away.
+    node_draining: AtomicBool,
     /// Cancelled when the serve future should wind up.
     shutdown: CancellationToken,
     /// The limits `Worker::serve` enforces.
@@ -255,6 +257,31 @@ impl Worker {
     /// recycle).
     pub fn is_draining(&self) -> bool {
         self.shared.draining.is_cancelled()
+    }
+
+    /// True once the node this worker belongs to is going away: the primary
+    /// was asked to stop and told its workers first (it then keeps serving
+    /// for `--drain-delay` before they drain). The worker still accepts and
+    /// serves; a readiness endpoint should fail from now on, so a load
+    /// balancer or Kubernetes Service stops sending before the workers stop
+    /// accepting. Unlike [`is_draining`](Self::is_draining), a worker drained
+    /// by a rolling reload or a recycle does not set it: its node stays.
+    ///
+    /// ```no_run
+    /// use axum::http::StatusCode;
+    /// # fn demo(worker: corral::Worker) {
+    /// let ready = move || async move {
+    ///     if worker.is_node_draining() {
+    ///         StatusCode::SERVICE_UNAVAILABLE
+    ///     } else {
+    ///         StatusCode::OK
+    ///     }
+    /// };
+    /// # drop(ready);
+    /// # }
+    /// ```
+    pub fn is_node_draining(&self) -> bool {
+        self.shared.node_draining.load(Ordering::SeqCst)
     }
 
     /// A tower layer that counts requests for the heartbeat (and for
@@ -433,6 +460,7 @@ where
             born: Instant::now(),
             take_backlog: Arc::default(),
             draining: CancellationToken::new(),
+            node_draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             serve_options: serve_options(&config),
         });
@@ -479,6 +507,11 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
     loop {
         match receiver.recv::<ToWorker>().await {
             Ok(ToWorker::Drain) => shared.begin_drain("asked by the primary"),
+            Ok(ToWorker::NodeDraining) => {
+                if !shared.node_draining.swap(true, Ordering::SeqCst) {
+                    tracing::info!("the node is draining: readiness fails, still serving");
+                }
+            }
             Ok(ToWorker::Retire) => {
                 shared.take_backlog.store(true, Ordering::SeqCst);
                 shared.begin_drain("its slot is retired (scaled down)");
@@ -494,6 +527,7 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
                 // Without its primary nobody supervises this worker: finish
                 // what is in flight and leave (the watchdog makes sure of it).
                 shared.primary_lost.store(true, Ordering::SeqCst);
+                shared.node_draining.store(true, Ordering::SeqCst);
                 shared.begin_drain(&format!("lost the primary ({err})"));
                 return;
             }

@@ -29,4 +29,7 @@ pub(crate) enum ToWorker {
     /// Like `Drain`, but the slot is going away (scaled down): accept what is
     /// already queued on its socket first, since no replacement will.
     Retire,
+    /// The node is going away (`--drain-delay` runs): fail readiness, keep
+    /// serving until `Drain`. Last, so older workers' variant numbers stay.
+    NodeDraining,
 }

@@ -49,36 +49,8 @@ impl WorkerCounters {
             requests_in_flight: self.requests_in_flight.load(Ordering::Relaxed),
             connections_total: self.connections_total.load(Ordering::Relaxed),
             connections_open: self.connections_open.load(Ordering::Relaxed),
-            rss_bytes: resident_set_bytes().unwrap_or(0),
+            rss_bytes: super::ProcessFigures::this().map_or(0, |figures| figures.rss_bytes),
             ..WorkerStats::default()
         }
-    }
-}
-
-/// The resident set size of this process, read from `/proc/self/statm`.
-#[cfg(target_os = "linux")]
-pub(crate) fn resident_set_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let page_size = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()?;
-    Some(pages * page_size as u64)
-}
-
-/// Not measured off Linux.
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn resident_set_bytes() -> Option<u64> {
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn this_process_has_a_resident_set() {
-        assert!(resident_set_bytes().unwrap() > 0);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::state::{Phase, Plan, Worker, WorkerId};
+use super::state::{DrainNotice, Phase, Plan, Worker, WorkerId};
 use super::{Action, Decision, Kind, Level, ReplyId, SpawnError};
 use crate::metrics::WorkerStats;
 
@@ -67,6 +67,10 @@ impl Decision<'_> {
                 id.slot
             ),
         );
+        // A restart during the drain delay joins a node that is going away.
+        if self.state.drain_notice.is_some() && self.state.rules.kind.hears_node_drain() {
+            self.actions.push(Action::NotifyDraining { id });
+        }
     }
 
     pub(super) fn spawn_failed(&mut self, id: WorkerId, error: SpawnError) {
@@ -168,7 +172,7 @@ impl Decision<'_> {
     /// Replaces the slot's current worker gracefully: a new one starts, the
     /// old one drains once it is ready.
     pub(super) fn recycle(&mut self, id: WorkerId, reason: &str) {
-        if self.state.stopping {
+        if self.state.leaving() {
             return;
         }
         let slot = &self.state.slots[id.slot];
@@ -384,6 +388,20 @@ impl Decision<'_> {
 
     pub(super) fn timers(&mut self) {
         let now = self.now;
+        if let Some(notice) = self
+            .state
+            .drain_notice
+            .take_if(|notice| now >= notice.stop_at)
+        {
+            self.log(
+                Level::Info,
+                format!(
+                    "drain delay of {} over",
+                    humantime::format_duration(self.state.rules.drain_delay)
+                ),
+            );
+            self.begin_stop(&notice.why);
+        }
         let rules = self.state.rules.clone();
         let stopping = self.state.stopping;
         let mut to_ready = Vec::new();
@@ -466,7 +484,20 @@ impl Decision<'_> {
         }
     }
 
+    /// A stop asked for: the workers hear that the node is draining, keep
+    /// serving for `--drain-delay` (so load balancers see readiness fail and
+    /// stop sending first), then drain. Asked again during the delay, it
+    /// stops at once.
     pub(super) fn stop(&mut self, why: &str, reply: Option<ReplyId>) {
+        if self.state.drain_notice.take().is_some() {
+            self.log(
+                Level::Warn,
+                format!("{why} again during the drain delay: stopping now, without waiting"),
+            );
+            self.begin_stop(why);
+            self.reply(reply, Ok("stopping".to_owned()));
+            return;
+        }
         if self.state.stopping {
             if why == "SIGINT" {
                 self.log(
@@ -481,11 +512,44 @@ impl Decision<'_> {
             self.reply(reply, Ok("stopping".to_owned()));
             return;
         }
-        self.state.stopping = true;
         self.abort_reload("the cluster is stopping");
         for wait in std::mem::take(&mut self.state.scale_waits) {
             self.reply(Some(wait.reply), Err("the cluster is stopping".to_owned()));
         }
+        if self.state.rules.kind.hears_node_drain() {
+            let ids: Vec<WorkerId> = self
+                .state
+                .workers()
+                .filter(|w| w.pid.is_some())
+                .map(|w| w.id)
+                .collect();
+            for id in ids {
+                self.actions.push(Action::NotifyDraining { id });
+            }
+        }
+        let delay = self.state.rules.drain_delay;
+        if delay.is_zero() {
+            self.begin_stop(why);
+        } else {
+            self.state.drain_notice = Some(DrainNotice {
+                stop_at: self.now + delay,
+                why: why.to_owned(),
+            });
+            self.log(
+                Level::Info,
+                format!(
+                    "{why}: the node is draining; workers keep serving for {} (--drain-delay) while load balancers move traffic away, then stop (send it again to stop at once)",
+                    humantime::format_duration(delay)
+                ),
+            );
+        }
+        self.reply(reply, Ok("stopping".to_owned()));
+    }
+
+    /// Today's graceful stop: every worker drains, stragglers are killed at
+    /// `--shutdown-timeout`, the primary exits once all are gone.
+    fn begin_stop(&mut self, why: &str) {
+        self.state.stopping = true;
         let ids: Vec<WorkerId> = self.state.workers().map(|w| w.id).collect();
         let draining = ids.len();
         for id in ids {
@@ -506,7 +570,6 @@ impl Decision<'_> {
                 humantime::format_duration(self.state.rules.shutdown_timeout)
             ),
         );
-        self.reply(reply, Ok("stopping".to_owned()));
     }
 
     pub(super) fn announce_when_serving(&mut self) {

@@ -129,6 +129,11 @@ pub(crate) enum Action {
     Kill {
         id: WorkerId,
     },
+    /// Tell the worker its node is draining: its readiness should fail from
+    /// now on, while it keeps accepting and serving until its `Drain`.
+    NotifyDraining {
+        id: WorkerId,
+    },
     /// Open the program file now and keep it, for generation `generation`;
     /// answer with `BuildPinned` or `BuildUnavailable`.
     PinBuild {

@@ -7,7 +7,7 @@ use super::{Action, Decision, Level, ReplyId};
 
 impl Decision<'_> {
     pub(super) fn reload_requested(&mut self, reply: Option<ReplyId>) {
-        if self.state.stopping {
+        if self.state.leaving() {
             self.reply(reply, Err("the cluster is stopping".to_owned()));
             return;
         }
@@ -43,7 +43,7 @@ impl Decision<'_> {
         let Some((pinned, replies)) = self.state.pinning.take() else {
             return;
         };
-        if pinned != generation || self.state.stopping {
+        if pinned != generation || self.state.leaving() {
             for reply in replies {
                 self.reply(Some(reply), Err("the cluster is stopping".to_owned()));
             }

@@ -6,7 +6,7 @@ use super::{Decision, Level, ReplyId, ScaleTarget};
 
 impl Decision<'_> {
     pub(super) fn scale(&mut self, target: ScaleTarget, reply: Option<ReplyId>) {
-        if self.state.stopping {
+        if self.state.leaving() {
             self.reply(reply, Err("the cluster is stopping".to_owned()));
             return;
         }

@@ -41,6 +41,12 @@ impl Kind {
         matches!(self, Kind::Corral)
     }
 
+    /// Whether it can be told that its node is draining (it has a channel);
+    /// an external program only hears its own `SIGTERM`, after the delay.
+    pub fn hears_node_drain(self) -> bool {
+        matches!(self, Kind::Corral)
+    }
+
     pub fn drain_by(self) -> DrainBy {
         match self {
             Kind::Corral => DrainBy::Message,
@@ -315,6 +321,10 @@ pub(crate) struct Rules {
     pub retry_first: Duration,
     pub retry_max: Duration,
     pub max_memory: Option<u64>,
+    /// On stop, how long the workers keep serving after being told their
+    /// node is draining (`--drain-delay`), so load balancers stop sending
+    /// before anyone stops accepting.
+    pub drain_delay: Duration,
 }
 
 impl Rules {
@@ -343,6 +353,15 @@ fn doubled(base: Duration, times: u32) -> Duration {
     base.saturating_mul(1u32 << times.min(16))
 }
 
+/// A stop announced to the workers and held back by `--drain-delay`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DrainNotice {
+    /// When the workers are told to drain.
+    pub stop_at: Instant,
+    /// What asked for the stop (`SIGTERM`, `corral stop`), for the log.
+    pub why: String,
+}
+
 /// Everything the supervisor decides from.
 #[derive(Debug, Clone)]
 pub(crate) struct State {
@@ -358,6 +377,9 @@ pub(crate) struct State {
     pub probation: Option<Probation>,
     pub last_reload: Option<LastReload>,
     pub stopping: bool,
+    /// Set during `--drain-delay`: the node announced its stop, the workers
+    /// still serve. `stopping` follows once it is over.
+    pub drain_notice: Option<DrainNotice>,
     /// The listening line was printed: from now on no worker failure ends the primary.
     pub announced: bool,
     pub scale_waits: Vec<ScaleWait>,
@@ -375,9 +397,16 @@ impl State {
             probation: None,
             last_reload: None,
             stopping: false,
+            drain_notice: None,
             announced: false,
             scale_waits: Vec::new(),
         }
+    }
+
+    /// True from the moment a stop is asked for, drain delay included: no
+    /// reload, scale or recycle starts any more.
+    pub fn leaving(&self) -> bool {
+        self.stopping || self.drain_notice.is_some()
     }
 
     /// The generation new slots and fresh starts run.
@@ -463,6 +492,9 @@ impl State {
         }
         if let Some(probation) = &self.probation {
             deadlines.push(probation.until);
+        }
+        if let Some(notice) = &self.drain_notice {
+            deadlines.push(notice.stop_at);
         }
         deadlines.into_iter().min()
     }

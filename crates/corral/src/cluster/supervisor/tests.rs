@@ -22,6 +22,7 @@ fn rules() -> Rules {
         retry_first: Duration::from_secs(1),
         retry_max: Duration::from_secs(30),
         max_memory: None,
+        drain_delay: Duration::ZERO,
     }
 }
 
@@ -987,4 +988,176 @@ fn events_for_unknown_workers_are_ignored() {
     }
     assert_eq!(sim.state.workers().count(), before);
     sim.at_ms(0);
+}
+
+/// `--drain-delay`: the workers hear the node drains at once and keep
+/// serving (routes unchanged) until the delay is over or a second stop
+/// request cuts it short; then today's graceful stop follows.
+#[test]
+fn drain_delay_holds_the_drain_back_and_a_second_stop_cuts_it_short() {
+    // (drain delay, a second stop at, when the workers must be told to drain), in ms
+    let table: [(u64, Option<u64>, u64); 4] = [
+        (0, None, 0),
+        (2000, None, 2000),
+        (2000, Some(500), 500),
+        (300, Some(1000), 300),
+    ];
+    for (delay, second, expected) in table {
+        let mut rules = rules();
+        rules.drain_delay = Duration::from_millis(delay);
+        let mut sim = Sim::with(rules, 2);
+        sim.send(Event::Start);
+        sim.ready_all();
+        let serving = sim.state.routes();
+        let stop_at = sim.now;
+        let first = sim.send(Event::Stop {
+            why: "SIGTERM".to_owned(),
+            reply: None,
+        });
+        let notified: Vec<WorkerId> = first
+            .iter()
+            .filter_map(|a| match a {
+                Action::NotifyDraining { id } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            notified,
+            vec![sim.current(0), sim.current(1)],
+            "delay {delay}"
+        );
+        let mut drained_at = None;
+        let mut elapsed = 0;
+        while elapsed <= 3000 {
+            let drains = sim
+                .actions
+                .iter()
+                .filter(|a| matches!(a, Action::Drain { .. }))
+                .count();
+            if drains > 0 {
+                assert_eq!(drains, 2, "delay {delay}: every worker drains");
+                drained_at.get_or_insert(elapsed);
+            } else {
+                assert_eq!(sim.state.routes(), serving, "delay {delay}: still serving");
+                assert!(!sim.state.stopping);
+                assert_eq!(
+                    sim.state.next_deadline(),
+                    Some(stop_at + Duration::from_millis(delay)),
+                    "the executor wakes when the delay ends"
+                );
+            }
+            elapsed += 100;
+            sim.at_ms(elapsed);
+            if second == Some(elapsed) {
+                sim.send(Event::Stop {
+                    why: "SIGTERM".to_owned(),
+                    reply: None,
+                });
+            } else {
+                sim.send(Event::Timer);
+            }
+        }
+        assert_eq!(
+            drained_at,
+            Some(expected),
+            "delay {delay}, second {second:?}"
+        );
+        assert_eq!(
+            sim.logged("again during the drain delay: stopping now"),
+            second.is_some_and(|at| at < delay),
+            "delay {delay}, second {second:?}"
+        );
+        assert!(
+            !sim.actions.iter().any(|a| matches!(a, Action::Kill { .. })),
+            "a second SIGTERM during the delay drains, it does not kill"
+        );
+        sim.reap_drained();
+        assert!(
+            sim.exited,
+            "delay {delay}: the primary exits once all drained"
+        );
+    }
+}
+
+#[test]
+fn during_the_drain_delay_no_reload_or_scale_starts_and_a_restart_is_told_too() {
+    let mut rules = rules();
+    rules.drain_delay = Duration::from_secs(5);
+    let mut sim = Sim::with(rules, 2);
+    sim.send(Event::Start);
+    sim.ready_all();
+    sim.send(Event::Stop {
+        why: "corral stop".to_owned(),
+        reply: Some(ReplyId(1)),
+    });
+    sim.send(Event::Reload {
+        reply: Some(ReplyId(2)),
+    });
+    sim.send(Event::Scale {
+        target: ScaleTarget::By(1),
+        reply: Some(ReplyId(3)),
+    });
+    assert_eq!(
+        sim.replies(),
+        vec![
+            (ReplyId(1), Ok("stopping".to_owned())),
+            (ReplyId(2), Err("the cluster is stopping".to_owned())),
+            (ReplyId(3), Err("the cluster is stopping".to_owned())),
+        ]
+    );
+    assert_eq!(sim.spawns(), 2);
+    // A worker that crashes during the delay is replaced (the node still
+    // serves), and its replacement hears the node is draining.
+    sim.advance(Duration::from_secs(1));
+    let crashed = sim.current(1);
+    sim.exit(crashed);
+    assert_eq!(sim.spawns(), 3);
+    let replacement = sim.current(1);
+    assert!(sim
+        .actions
+        .contains(&Action::NotifyDraining { id: replacement }));
+    sim.ready_all();
+    sim.advance(Duration::from_secs(4));
+    assert!(sim.state.stopping);
+    assert!(sim.actions.contains(&Action::Drain {
+        id: replacement,
+        by: DrainBy::Message,
+        backlog: false
+    }));
+}
+
+#[test]
+fn an_external_program_is_not_told_but_its_sigterm_waits_for_the_delay() {
+    let mut rules = rules();
+    rules.kind = Kind::External {
+        ready_after: Duration::from_secs(1),
+    };
+    rules.drain_delay = Duration::from_secs(2);
+    let mut sim = Sim::with(rules, 1);
+    sim.send(Event::Start);
+    sim.advance(Duration::from_secs(1));
+    assert!(sim.announced());
+    sim.send(Event::Stop {
+        why: "SIGTERM".to_owned(),
+        reply: None,
+    });
+    sim.advance(Duration::from_millis(1999));
+    let signalled = |sim: &Sim| {
+        sim.actions.iter().any(|a| {
+            matches!(
+                a,
+                Action::Drain {
+                    by: DrainBy::Signal,
+                    ..
+                }
+            )
+        })
+    };
+    assert!(!signalled(&sim));
+    sim.advance(Duration::from_millis(1));
+    assert!(signalled(&sim));
+    assert!(!sim
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::NotifyDraining { .. })));
 }
