@@ -89,6 +89,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let state = AppState::with_parts(config, worker.slot(), heavy, events)
             .map_err(corral::BoxError::from)?;
         let _sweeper = payments::jobs::start_sweeper(&state);
+        worker.register_metrics(|registry| state.metrics().register(registry));
         // Header and idle timeouts, the connection cap and request tracking
         // come with corral's serve.
         worker

@@ -25,6 +25,7 @@ struct Inner {
     events: Arc<dyn Events>,
     /// Identifies this process as the holder of async batch leases.
     owner: String,
+    metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for AppState {
@@ -72,6 +73,7 @@ impl AppState {
                 decode_budget: DecodeBudget::default(),
                 events,
                 owner,
+                metrics: crate::metrics::Metrics::default(),
             }),
         })
     }
@@ -109,6 +111,11 @@ impl AppState {
     /// Known merchants.
     pub fn merchants(&self) -> &Merchants {
         &self.inner.config.merchants
+    }
+
+    /// This worker's own Prometheus metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 
     /// This process's lease-holder identity.
