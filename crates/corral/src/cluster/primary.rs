@@ -400,15 +400,24 @@ impl Executor {
         tracing::info!("program: {}", self.program_path.display());
         self.start_acceptors()?;
         self.apply(Event::Start);
+        let mut next_refresh = Instant::now() + REFRESH;
         loop {
             if let Some(result) = self.exit.take() {
                 return result;
             }
-            let now = Instant::now();
+            // Heartbeats arrive more often than REFRESH, so waiting for a quiet
+            // REFRESH would starve the periodic work (CPU % stayed unknown).
+            if Instant::now() >= next_refresh {
+                next_refresh = Instant::now() + REFRESH;
+                self.expire_waiting_connections();
+                self.sample_vitals();
+                self.apply(Event::Timer);
+                continue;
+            }
             let wake = self
                 .state
                 .next_deadline()
-                .map_or(now + REFRESH, |deadline| deadline.min(now + REFRESH));
+                .map_or(next_refresh, |deadline| deadline.min(next_refresh));
             let input = tokio::select! {
                 Some(input) = self.inputs.recv() => Some(input),
                 _ = tokio::time::sleep_until(wake.into()) => None,
@@ -439,7 +448,6 @@ impl Executor {
                 }
                 None => {
                     self.expire_waiting_connections();
-                    self.sample_vitals();
                     self.apply(Event::Timer);
                 }
             }
