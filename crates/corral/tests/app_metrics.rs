@@ -8,57 +8,20 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use corral_testkit::openmetrics;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::Cluster;
 
-/// Parses stdin with prometheus_client's strict OpenMetrics parser and
-/// prints the families as JSON (values as text: JSON has no NaN or Inf).
-const PARSE: &str = r#"
-import json, sys
-from prometheus_client.openmetrics.parser import text_string_to_metric_families
-print(json.dumps([
-    {"name": f.name, "type": f.type,
-     "samples": [{"name": s.name, "labels": s.labels, "value": str(s.value)} for s in f.samples]}
-    for f in text_string_to_metric_families(sys.stdin.read())
-]))
-"#;
-
-fn parser_available() -> bool {
-    Command::new("python3")
-        .args(["-c", "import prometheus_client.openmetrics.parser"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|status| status.success())
-}
-
 fn parse(exposition: &str) -> Vec<serde_json::Value> {
-    let mut python = Command::new("python3")
-        .args(["-c", PARSE])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start python3");
-    python
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(exposition.as_bytes())
-        .unwrap();
-    let output = python.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "the OpenMetrics parser rejected /metrics: {}\n{exposition}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).unwrap()
+    let json = openmetrics::parse(exposition).unwrap_or_else(|complaint| {
+        panic!("the OpenMetrics parser rejected /metrics: {complaint}\n{exposition}")
+    });
+    serde_json::from_str(&json).unwrap()
 }
 
 /// `hello_greetings_total` by slot, after checking the family is there once,
@@ -128,7 +91,7 @@ fn wait_for(admin: SocketAddr, expected: &BTreeMap<usize, u64>, what: &str) {
 #[test]
 fn app_metrics_are_merged_per_slot_through_a_crash_and_a_scale_down() {
     let test = "app_metrics_are_merged_per_slot_through_a_crash_and_a_scale_down";
-    if !parser_available() {
+    if !openmetrics::parser_installed() {
         eprintln!("skipped: {test} (python3 with prometheus_client not installed)");
         return;
     }
