@@ -38,7 +38,7 @@ fn capture(admin: SocketAddr, budget_ms: u64) -> Capture {
         std::process::id(),
         budget_ms
     ));
-    let mut browser = Command::new("chromium")
+    let browser = Command::new("chromium")
         .args([
             "--headless",
             // Chromium's sandbox refuses to run as root (CI runs as root).
