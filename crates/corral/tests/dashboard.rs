@@ -193,7 +193,13 @@ fn dashboard_shows_a_row_per_worker_and_figures_that_move_under_load() {
         .collect();
     assert_eq!(pids.len(), 2);
 
-    // Idle: a row per worker, with its pid, nothing served.
+    // Idle: a row per worker, with its pid, nothing served (once both
+    // workers' first figures are in).
+    assert!(support::wait_until(Duration::from_secs(10), || {
+        let status = status(admin);
+        let workers = status["workers"].as_array().unwrap();
+        workers.len() == 2 && workers.iter().all(|w| w["rss_bytes"].as_u64() > Some(0))
+    }));
     let idle = capture(admin, 2500);
     no_script_errors(&idle);
     assert_eq!(idle.rows.len(), 2, "rows: {:?}", idle.rows);
@@ -242,9 +248,10 @@ fn dashboard_shows_a_row_per_worker_and_figures_that_move_under_load() {
         let status = status(admin);
         let workers = status["workers"].as_array().unwrap();
         workers.len() == 2
-            && workers
-                .iter()
-                .all(|w| w["requests_per_s"].as_f64().unwrap_or(0.0) > 0.0)
+            && workers.iter().all(|w| {
+                w["requests_per_s"].as_f64().unwrap_or(0.0) > 0.0
+                    && w["cpu_percent"].as_f64().unwrap_or(0.0) > 0.0
+            })
     });
     let busy = if loaded {
         Some(capture(admin, 3500))

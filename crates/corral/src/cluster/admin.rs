@@ -1,6 +1,7 @@
-//! The primary's admin address: `/status` (JSON), `/metrics` (Prometheus) and
-//! `/` (a live dashboard), read from the snapshot the supervisor publishes
-//! after every event. Off unless asked for; meant for loopback.
+//! The primary's admin address: `/status` (JSON), `/metrics` (Prometheus:
+//! corral's figures and the workers' own, merged by slot) and `/` (a live
+//! dashboard), read from the snapshot the supervisor publishes after every
+//! event. Off unless asked for; meant for loopback.
 
 use std::sync::{Arc, Mutex};
 

@@ -166,8 +166,9 @@ impl Shared {
         }
     }
 
-    /// The application's metrics as OpenMetrics text, if it registered any
-    /// and they fit in one message.
+    /// The application's metrics as OpenMetrics text, if it registered any;
+    /// empty when they do not fit in one message, so the primary shows no
+    /// figures rather than frozen ones.
     fn encode_app_metrics(&self) -> Option<String> {
         if !self.app_metrics_registered.load(Ordering::Relaxed) {
             return None;
@@ -185,11 +186,11 @@ impl Shared {
         if text.len() > limit {
             if !self.app_metrics_too_big.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
-                    "the registered metrics encode to {} bytes, over the {limit} a message carries; they are not sent (drop labels with many values)",
+                    "the registered metrics encode to {} bytes, over the {limit} a message carries; /metrics leaves them out until they fit (drop labels with many values)",
                     text.len()
                 );
             }
-            return None;
+            return Some(String::new());
         }
         self.app_metrics_too_big.store(false, Ordering::Relaxed);
         Some(text)
