@@ -208,7 +208,14 @@ fn dashboard_shows_a_row_per_worker_and_figures_that_move_under_load() {
         .iter()
         .map(|row| row[column("pid")].clone())
         .collect();
-    assert_eq!(shown, pids, "the pids /status and /proc know");
+    assert_eq!(shown, pids, "the pids /proc knows");
+    let reported: BTreeSet<String> = status(admin)["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].to_string())
+        .collect();
+    assert_eq!(shown, reported, "the pids /status reports");
     for (slot, row) in idle.rows.iter().enumerate() {
         assert_eq!(row.len(), COLUMNS.len(), "{row:?}");
         assert_eq!(row[column("slot")], slot.to_string());

@@ -171,14 +171,48 @@ fn parse_sample(line: &str) -> Result<Sample<'_>, String> {
     } else {
         (None, &line[end..])
     };
-    let value = rest
-        .strip_prefix(' ')
-        .and_then(|rest| rest.split(' ').next())
-        .unwrap_or("");
-    if value.parse::<f64>().is_err() {
-        return Err(format!("sample {name} has no number for a value"));
-    }
+    check_value_and_after(rest.strip_prefix(' ').unwrap_or(""))
+        .map_err(|why| format!("sample {name}: {why}"))?;
     Ok(Sample { name, labels, rest })
+}
+
+/// `value [timestamp] [# {labels} value [timestamp]]`: what is copied
+/// unread must still be what a scraper accepts.
+fn check_value_and_after(text: &str) -> Result<(), String> {
+    let number = |token: Option<&str>, what: &str| match token {
+        Some(token) if token.parse::<f64>().is_ok() => Ok(()),
+        _ => Err(format!("no number for its {what}")),
+    };
+    let (sample, exemplar) = match text.split_once(" # ") {
+        Some((sample, exemplar)) => (sample, Some(exemplar)),
+        None => (text, None),
+    };
+    let mut tokens = sample.split(' ');
+    number(tokens.next(), "value")?;
+    if let Some(timestamp) = tokens.next() {
+        number(Some(timestamp), "timestamp")?;
+    }
+    if tokens.next().is_some() {
+        return Err("more after its value and timestamp".to_owned());
+    }
+    if let Some(exemplar) = exemplar {
+        let labels = exemplar
+            .strip_prefix('{')
+            .ok_or("an exemplar without labels")?;
+        let close = label_set_end(labels)?;
+        let mut tokens = labels[close + 1..]
+            .strip_prefix(' ')
+            .ok_or("an exemplar without a value")?
+            .split(' ');
+        number(tokens.next(), "exemplar's value")?;
+        if let Some(timestamp) = tokens.next() {
+            number(Some(timestamp), "exemplar's timestamp")?;
+        }
+        if tokens.next().is_some() {
+            return Err("more after its exemplar".to_owned());
+        }
+    }
+    Ok(())
 }
 
 /// The index of the `}` that closes a label set (`text` starts after the
@@ -492,6 +526,9 @@ mod tests {
         for garbage in [
             "payments_created_total{currency=\"EUR} 1\n",
             "# TYPE x counter\nx_total one\n",
+            "# TYPE x counter\nx_total 1 2 3\n",
+            "# TYPE x counter\nx_total 1 # 2\n",
+            "# TYPE x counter\nx_total 1 # {a=\"b\"}\n",
             "# TYPE x counter\ny_total 1\n",
             "# TYPE x flubber\n",
             "# TYPE x counter\nx_total{currency=EUR} 1\n",
@@ -536,6 +573,7 @@ mod tests {
     fn escaped_label_values_exemplars_and_empty_label_sets_survive() {
         let zero = "# TYPE hits counter\n\
             hits_total{path=\"/a\\\"b,c=\\\\\"} 1 # {trace_id=\"x\"} 1.0\n\
+            # TYPE seen counter\nseen_total 1 1700000000.5 # {trace_id=\"y\"} 2 1700000000\n\
             # TYPE up gauge\nup{} 1\n";
         let merged = merge("", &[(2, zero)]);
         assert!(merged.skipped.is_empty(), "{:?}", merged.skipped);
@@ -556,6 +594,29 @@ mod tests {
             merged.text,
             "# HELP idle Nothing yet.\n# TYPE idle counter\n# EOF\n"
         );
+    }
+
+    #[test]
+    fn random_text_never_panics_and_the_exposition_still_ends() {
+        // Pieces that sit on the parser's edges: braces, quotes, escapes,
+        // multi-byte characters right after a backslash, comment keywords.
+        const PIECES: [&str; 18] = [
+            "{", "}", "\"", "\\", "=", ",", " ", "\n", "# ", "TYPE ", "HELP ", "x", "x_total", "é",
+            "1", "counter", "# EOF", "slot",
+        ];
+        let zero = app(1, 0.5);
+        for _ in 0..20_000 {
+            let length = rand::random_range(0..40);
+            let text: String = (0..length)
+                .map(|_| PIECES[rand::random_range(0..PIECES.len())])
+                .collect();
+            let merged = merge(OWN, &[(0, &zero), (1, &text)]);
+            assert!(merged.text.ends_with("# EOF\n"), "{text:?}");
+            assert!(parse(&merged.text).is_ok(), "{text:?}:\n{}", merged.text);
+            // Whatever slot 1 sent, slot 0's series and corral's stay.
+            assert!(merged.text.contains("payments_created_total{slot=\"0\""));
+            assert!(merged.text.contains("corral_worker_requests_total{"));
+        }
     }
 
     #[test]
