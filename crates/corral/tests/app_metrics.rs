@@ -89,8 +89,8 @@ fn wait_for(admin: SocketAddr, expected: &BTreeMap<usize, u64>, what: &str) {
 }
 
 #[test]
-fn app_metrics_are_merged_per_slot_through_a_crash_and_a_scale_down() {
-    let test = "app_metrics_are_merged_per_slot_through_a_crash_and_a_scale_down";
+fn app_metrics_are_merged_per_slot_through_a_crash_a_reload_and_a_scale_down() {
+    let test = "app_metrics_are_merged_per_slot_through_a_crash_a_reload_and_a_scale_down";
     if !openmetrics::parser_installed() {
         eprintln!("skipped: {test} (python3 with prometheus_client not installed)");
         return;
@@ -147,6 +147,31 @@ fn app_metrics_are_merged_per_slot_through_a_crash_and_a_scale_down() {
     }
     assert!(answered[&1] >= 10, "slot 1's successor never answered");
     wait_for(admin, &answered, "after the restart");
+
+    // A rolling reload replaces both workers: each slot's series now count
+    // what its new worker answered, while the old ones drained.
+    let before: Vec<_> = (0..2).map(|slot| worker_pid(admin, slot)).collect();
+    cluster.signal(Signal::SIGHUP);
+    assert!(
+        support::wait_until(Duration::from_secs(60), || {
+            status(admin)["last_reload"]["outcome"] == "completed"
+        }),
+        "the reload did not complete: {}",
+        status(admin)
+    );
+    for slot in 0..2 {
+        assert_ne!(
+            worker_pid(admin, slot),
+            before[slot],
+            "slot {slot} reloaded"
+        );
+    }
+    let mut answered = BTreeMap::from([(0, 0), (1, 0)]);
+    for _ in 0..40 {
+        let (slot, _) = cluster.hello().unwrap();
+        *answered.get_mut(&slot).unwrap() += 1;
+    }
+    wait_for(admin, &answered, "after the reload");
 
     // One worker fewer: slot 1 goes away, and so do its series.
     cluster.signal(Signal::SIGTTOU);
