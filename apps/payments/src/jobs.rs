@@ -130,6 +130,7 @@ async fn run_inner(
     let work = move || -> Result<Option<BatchResult>, StoreError> {
         let data = split_header(&body).unwrap_or(&[]);
         let total = count_lines(data) as u64;
+        let started = std::time::Instant::now();
         let lines = check_all(data, st.merchants(), |done| {
             let done = done as u64;
             // Progress doubles as a lease renewal; a failed write only
@@ -140,6 +141,7 @@ async fn run_inner(
             st.events()
                 .publish(Event::settlement_progress(&id, done, total));
         });
+        st.metrics().settlement_checked(&lines, started.elapsed());
         st.store().settle(&id, &lines, Some(st.owner()))
     };
     let settled = match admission {

@@ -35,6 +35,7 @@ pub mod events;
 pub mod gen;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod state;
 pub mod store;
 
@@ -47,5 +48,6 @@ pub use domain::merchants::Merchants;
 pub use events::{Event, Events, LocalEvents};
 pub use http::error::ApiError;
 pub use http::router;
+pub use metrics::Metrics;
 pub use state::AppState;
 pub use store::{Database, PgStore, SqliteStore, Store, StoreError, StoreHandle, Synchronous};

@@ -93,6 +93,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let readiness = worker.clone();
         state.report_draining_by(move || readiness.is_node_draining());
         let _sweeper = payments::jobs::start_sweeper(&state);
+        worker.register_metrics(|registry| state.metrics().register(registry));
         // Header and idle timeouts, the connection cap and request tracking
         // come with corral's serve.
         worker

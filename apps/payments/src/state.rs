@@ -27,6 +27,7 @@ struct Inner {
     owner: String,
     /// Says whether the node is going away (`/health` then answers 503).
     draining: std::sync::OnceLock<DrainingCheck>,
+    metrics: crate::metrics::Metrics,
 }
 
 type DrainingCheck = Box<dyn Fn() -> bool + Send + Sync>;
@@ -77,6 +78,7 @@ impl AppState {
                 events,
                 owner,
                 draining: std::sync::OnceLock::new(),
+                metrics: crate::metrics::Metrics::default(),
             }),
         })
     }
@@ -126,6 +128,11 @@ impl AppState {
     /// True once the node is going away; without a check, never.
     pub fn is_draining(&self) -> bool {
         self.inner.draining.get().is_some_and(|draining| draining())
+    }
+
+    /// This worker's own Prometheus metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.inner.metrics
     }
 
     /// This process's lease-holder identity.

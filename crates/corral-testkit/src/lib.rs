@@ -3,6 +3,8 @@
 //! the test), its log collected, its `listening on http://...` line awaited,
 //! and the processes it leaves looked up in /proc.
 
+pub mod openmetrics;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;

@@ -11,6 +11,10 @@
 //! curl --data-binary @file http://127.0.0.1:8080/echo   # received N bytes
 //! kill -HUP <primary pid>              # rolling reload, no failed request
 //! ```
+//!
+//! With `--admin 127.0.0.1:9090`, `curl 127.0.0.1:9090/metrics` shows the
+//! application's own `hello_greetings_total` next to corral's figures, one
+//! series per slot.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +22,7 @@ use axum::extract::Query;
 use axum::routing::{get, post};
 use axum::Router;
 use clap::Parser;
+use corral::metrics::prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 
 #[derive(Parser)]
@@ -90,8 +95,22 @@ fn main() -> corral::Result<()> {
                 worker.slot(),
                 std::process::id()
             );
+            let greetings = Counter::<u64>::default();
+            worker.register_metrics(|registry| {
+                registry.register(
+                    "hello_greetings",
+                    "Requests answered on /",
+                    greetings.clone(),
+                )
+            });
             let app = Router::new()
-                .route("/", get(move || async move { greeting }))
+                .route(
+                    "/",
+                    get(move || async move {
+                        greetings.inc();
+                        greeting
+                    }),
+                )
                 .route("/work", get(work))
                 .route("/block", get(block))
                 .route("/notify", get(notify).with_state(worker.clone()))

@@ -4,24 +4,9 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use support::Cluster;
-
-fn admin_addr(cluster: &Cluster) -> SocketAddr {
-    let mut addr = None;
-    assert!(support::wait_until(Duration::from_secs(10), || {
-        addr = cluster
-            .stderr()
-            .split("admin: http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|a| a.parse().ok());
-        addr.is_some()
-    }));
-    addr.unwrap()
-}
 
 #[test]
 fn admin_status_and_metrics_show_every_worker() {
@@ -35,7 +20,7 @@ fn admin_status_and_metrics_show_every_worker() {
         "--heartbeat-timeout",
         "1s",
     ]);
-    let admin = admin_addr(&cluster);
+    let admin = support::admin_addr(&cluster);
     for _ in 0..50 {
         cluster.hello().unwrap();
     }

@@ -33,6 +33,7 @@ pub(super) async fn create(
         CreateOutcome::Created(payment, body) => {
             let data = serde_json::to_value(&payment).unwrap_or(Value::Null);
             state.events().publish(Event::payment_captured(data));
+            state.metrics().payment_created();
             Ok(json_bytes(StatusCode::CREATED, body))
         }
         CreateOutcome::Replayed(body) => {

@@ -83,10 +83,12 @@ pub(super) async fn create(
             let batch_id = new_batch_id();
             let data = split_header(&body).unwrap_or(&[]);
             let total = count_lines(data) as u64;
+            let started = std::time::Instant::now();
             let lines = check_all(data, st.merchants(), |done| {
                 st.events()
                     .publish(Event::settlement_progress(&batch_id, done as u64, total));
             });
+            st.metrics().settlement_checked(&lines, started.elapsed());
             st.store().settle(&batch_id, &lines, None)
         })
         .await??;

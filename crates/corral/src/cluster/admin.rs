@@ -1,6 +1,7 @@
-//! The primary's admin address: `/status` (JSON), `/metrics` (Prometheus) and
-//! `/` (a live dashboard), read from the snapshot the supervisor publishes
-//! after every event. Off unless asked for; meant for loopback.
+//! The primary's admin address: `/status` (JSON), `/metrics` (Prometheus:
+//! corral's figures and the workers' own, merged by slot) and `/` (a live
+//! dashboard), read from the snapshot the supervisor publishes after every
+//! event. Off unless asked for; meant for loopback.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,13 +10,18 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::metrics::prometheus;
+use crate::metrics::app_metrics::SharedAppMetrics;
 use crate::metrics::status::ClusterStatus;
+use crate::metrics::{exposition, prometheus};
 
 /// The latest snapshot, shared by the supervisor (writer) and the admin routes.
 pub(crate) type SharedStatus = Arc<Mutex<ClusterStatus>>;
 
-pub(crate) async fn serve(listener: tokio::net::TcpListener, status: SharedStatus) {
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    status: SharedStatus,
+    app_metrics: SharedAppMetrics,
+) {
     let snapshot = move || {
         status
             .lock()
@@ -23,6 +29,26 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, status: SharedStatu
             .clone()
     };
     let for_metrics = snapshot.clone();
+    // The problems the last scrape logged, so a lasting conflict is logged
+    // once, not on every scrape.
+    let logged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let metrics = move || {
+        let own = prometheus::render(&for_metrics());
+        let texts = app_metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .texts();
+        let slots: Vec<(usize, &str)> = texts.iter().map(|(slot, text)| (*slot, &**text)).collect();
+        let merged = exposition::merge(&own, &slots);
+        let mut logged = logged
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for problem in merged.skipped.iter().filter(|p| !logged.contains(p)) {
+            tracing::warn!("/metrics: {problem}");
+        }
+        *logged = merged.skipped;
+        merged.text
+    };
     let app = Router::new()
         .route("/status", get(move || async move { Json(snapshot()) }))
         .route(
@@ -33,7 +59,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, status: SharedStatu
                         header::CONTENT_TYPE,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     )],
-                    prometheus::render(&for_metrics()),
+                    metrics(),
                 )
                     .into_response()
             }),

@@ -32,6 +32,7 @@ use super::supervisor::{
 use crate::control::{ControlCommand, ControlHandle, LogBook};
 use crate::error::{Error, Result};
 use crate::ipc::{self, ChannelError, ToPrimary, ToWorker};
+use crate::metrics::app_metrics::SharedAppMetrics;
 use crate::metrics::status::{
     ClusterStatus, ReloadStatus, SlotStatus, WorkerStatus, WorkerSummary,
 };
@@ -173,6 +174,8 @@ enum Input {
     Control(ControlCommand),
     /// A broadcast to hand to every local worker (from this node or another).
     Delivered(crate::broadcast::Delivered),
+    /// A worker's application metrics (OpenMetrics text).
+    Metrics { id: WorkerId, text: String },
 }
 
 /// A queue of messages to one worker, bounded in count and bytes.
@@ -273,6 +276,8 @@ struct Executor {
     /// The routes last applied to the balancer.
     routes: Vec<Route>,
     status: SharedStatus,
+    /// Each slot's last application metrics, for `/metrics`.
+    app_metrics: SharedAppMetrics,
     started: Instant,
     /// Control-socket callers waiting for an outcome.
     replies: HashMap<ReplyId, Pending>,
@@ -319,6 +324,7 @@ impl Executor {
             acceptors: Vec::new(),
             routes: Vec::new(),
             status: SharedStatus::default(),
+            app_metrics: SharedAppMetrics::default(),
             started: Instant::now(),
             replies: HashMap::new(),
             next_reply: 0,
@@ -386,21 +392,34 @@ impl Executor {
                 "admin: http://{}/ (dashboard), /status, /metrics",
                 listener.local_addr()?
             );
-            tokio::spawn(admin::serve(listener, self.status.clone()));
+            tokio::spawn(admin::serve(
+                listener,
+                self.status.clone(),
+                self.app_metrics.clone(),
+            ));
         }
         self.listen_to_signals()?;
         tracing::info!("program: {}", self.program_path.display());
         self.start_acceptors()?;
         self.apply(Event::Start);
+        let mut next_refresh = Instant::now() + REFRESH;
         loop {
             if let Some(result) = self.exit.take() {
                 return result;
             }
-            let now = Instant::now();
+            // Heartbeats arrive more often than REFRESH, so waiting for a quiet
+            // REFRESH would starve the periodic work (CPU % stayed unknown).
+            if Instant::now() >= next_refresh {
+                next_refresh = Instant::now() + REFRESH;
+                self.expire_waiting_connections();
+                self.sample_vitals();
+                self.apply(Event::Timer);
+                continue;
+            }
             let wake = self
                 .state
                 .next_deadline()
-                .map_or(now + REFRESH, |deadline| deadline.min(now + REFRESH));
+                .map_or(next_refresh, |deadline| deadline.min(next_refresh));
             let input = tokio::select! {
                 Some(input) = self.inputs.recv() => Some(input),
                 _ = tokio::time::sleep_until(wake.into()) => None,
@@ -424,13 +443,13 @@ impl Executor {
                 Some(Input::Delivered(delivered)) => {
                     self.broadcast(delivered.from_slot, delivered.payload.to_vec())
                 }
+                Some(Input::Metrics { id, text }) => self.on_app_metrics(id, text),
                 Some(Input::Control(command)) => {
                     let event = self.control_event(command);
                     self.apply(event)
                 }
                 None => {
                     self.expire_waiting_connections();
-                    self.sample_vitals();
                     self.apply(Event::Timer);
                 }
             }
@@ -890,8 +909,34 @@ impl Executor {
         }
     }
 
+    /// Keeps a live worker's application metrics as its slot's.
+    fn on_app_metrics(&mut self, id: WorkerId, text: String) {
+        if self.state.worker(id).is_some() {
+            self.app_metrics
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .report(id.slot, id.serial, text);
+        }
+    }
+
+    /// Forgets the application metrics of a slot once neither the worker
+    /// that sent them nor a successor (a higher serial) is alive: a slot
+    /// scaled away, given up on or backing off shows no series of the dead.
+    fn forget_gone_app_metrics(&self) {
+        let slots = &self.state.slots;
+        self.app_metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|slot, serial| {
+                slots
+                    .get(slot)
+                    .is_some_and(|slot| slot.workers().any(|w| w.id.serial >= serial))
+            });
+    }
+
     /// Refreshes the snapshot the admin pages and the control socket read.
     fn publish_status(&mut self) {
+        self.forget_gone_app_metrics();
         let now = Instant::now();
         // Requests per second between heartbeats.
         for slot in &self.state.slots {
@@ -1119,6 +1164,7 @@ async fn relay(
                     Ok(ToPrimary::Recycle { reason }) => Input::Event(Box::new(Event::RecycleRequested { id, reason })),
                     Ok(ToPrimary::User(payload)) => Input::User { slot: id.slot, payload },
                     Ok(ToPrimary::Broadcast(payload)) => Input::Broadcast { slot: id.slot, payload },
+                    Ok(ToPrimary::Metrics(text)) => Input::Metrics { id, text },
                     // The usual end of a worker: its exit follows as its own event.
                     Err(ChannelError::Closed) => return,
                     Err(error) => {

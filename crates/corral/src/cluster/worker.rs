@@ -129,6 +129,10 @@ struct Shared {
     shutdown: CancellationToken,
     /// The limits `Worker::serve` enforces.
     serve_options: crate::net::ServeOptions,
+    /// The application's own metrics, sent to the primary after each heartbeat.
+    app_metrics: std::sync::Mutex<prometheus_client::registry::Registry>,
+    app_metrics_registered: AtomicBool,
+    app_metrics_too_big: AtomicBool,
 }
 
 impl Shared {
@@ -162,6 +166,36 @@ impl Shared {
         } else {
             self.intake_blocked_at_ms.store(0, Ordering::Relaxed);
         }
+    }
+
+    /// The application's metrics as OpenMetrics text, if it registered any;
+    /// empty when they do not fit in one message, so the primary shows no
+    /// figures rather than frozen ones.
+    fn encode_app_metrics(&self) -> Option<String> {
+        if !self.app_metrics_registered.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut text = String::new();
+        let registry = self
+            .app_metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        drop(registry);
+        // Room for the message's own framing.
+        let limit = ipc::MAX_FRAME_BYTES - 1024;
+        if text.len() > limit {
+            if !self.app_metrics_too_big.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the registered metrics encode to {} bytes, over the {limit} a message carries; /metrics leaves them out until they fit (drop labels with many values)",
+                    text.len()
+                );
+            }
+            return Some(String::new());
+        }
+        self.app_metrics_too_big.store(false, Ordering::Relaxed);
+        Some(text)
     }
 
     fn begin_drain(&self, why: &str) {
@@ -352,6 +386,55 @@ impl Worker {
         self.shared.stats()
     }
 
+    /// Registers the application's own metrics in this worker's
+    /// [`prometheus-client`](crate::metrics::prometheus_client) registry.
+    /// The primary's `/metrics` (on `--admin`) serves them merged across
+    /// workers, each sample labelled with this worker's `slot`: corral adds
+    /// that label, so leave it out. The figures travel with every heartbeat,
+    /// so a scrape sees them at most one heartbeat interval old.
+    ///
+    /// A worker that takes over the slot (after a crash, a reload, a
+    /// recycle) continues the slot's series from its own figures (a counter
+    /// restarts from zero, which Prometheus reads as a reset); a slot that
+    /// is scaled away or given up on leaves no series behind. Registering
+    /// under a name of corral's own (`corral_...`) or with a type another
+    /// slot disagrees with leaves the family out, with a log line.
+    ///
+    /// ```no_run
+    /// use corral::metrics::prometheus_client::metrics::counter::Counter;
+    /// use axum::{routing::get, Router};
+    ///
+    /// corral::Cluster::builder().listen("127.0.0.1:8080").run(|worker| async move {
+    ///     let greetings = Counter::<u64>::default();
+    ///     worker.register_metrics(|registry| {
+    ///         registry.register("greetings", "Greetings served", greetings.clone())
+    ///     });
+    ///     let app = Router::new().route(
+    ///         "/",
+    ///         get(move || async move {
+    ///             greetings.inc();
+    ///             "hello"
+    ///         }),
+    ///     );
+    ///     worker.serve(app).await
+    /// })
+    /// # .unwrap();
+    /// ```
+    pub fn register_metrics<R>(
+        &self,
+        register: impl FnOnce(&mut prometheus_client::registry::Registry) -> R,
+    ) -> R {
+        let mut registry = self
+            .shared
+            .app_metrics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.shared
+            .app_metrics_registered
+            .store(true, Ordering::Relaxed);
+        register(&mut registry)
+    }
+
     /// Serves `app` (an axum `Router` or any tower service) on this worker's
     /// connections until the worker has drained — the one call a worker
     /// needs. It tells the primary the worker is ready, counts requests and
@@ -463,6 +546,9 @@ where
             node_draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             serve_options: serve_options(&config),
+            app_metrics: Default::default(),
+            app_metrics_registered: AtomicBool::new(false),
+            app_metrics_too_big: AtomicBool::new(false),
         });
         super::watchdog::start(
             shared.draining.clone(),
@@ -648,6 +734,9 @@ async fn heartbeat(shared: Arc<Shared>, config: Config) {
         }
         // A full lane just skips a beat; the next carries fresher figures.
         let _ = shared.to_primary.control(ToPrimary::Heartbeat(stats));
+        if let Some(text) = shared.encode_app_metrics() {
+            let _ = shared.to_primary.control(ToPrimary::Metrics(text));
+        }
         if shared.primary_lost.load(Ordering::SeqCst) {
             return;
         }

@@ -17,6 +17,9 @@ pub(crate) enum ToPrimary {
     User(Vec<u8>),
     /// A user message for every worker (JSON payload).
     Broadcast(Vec<u8>),
+    /// The application's own metrics (OpenMetrics text), sent after each
+    /// heartbeat by a worker that registered some.
+    Metrics(String),
 }
 
 /// From the primary to a worker.
