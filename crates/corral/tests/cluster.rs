@@ -258,6 +258,98 @@ fn cluster_sigterm_finishes_in_flight_requests_and_leaves_no_process() {
     );
 }
 
+/// How one connection attempt during a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attempt {
+    Answered,
+    Refused,
+    /// Connected and sent its request, then reset or closed unanswered.
+    Lost,
+}
+
+fn attempt(addr: std::net::SocketAddr) -> Attempt {
+    use std::io::{Read, Write};
+    let mut stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(stream) => stream,
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => return Attempt::Refused,
+        Err(_) => return Attempt::Lost,
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut response = String::new();
+    match stream
+        .write_all(request.as_bytes())
+        .and_then(|()| stream.read_to_string(&mut response))
+    {
+        Ok(_) if response.starts_with("HTTP/1.1 200") => Attempt::Answered,
+        _ => Attempt::Lost,
+    }
+}
+
+/// A stopping node stops listening before its workers stop accepting: a
+/// client connecting during the drain is refused (and can go elsewhere), and
+/// is never left in a queue that no one accepts, to be reset when the
+/// primary exits after it sent its request.
+#[test]
+fn cluster_sigterm_refuses_new_connections_instead_of_resetting_them() {
+    for balance in ["reuseport", "round-robin"] {
+        let mut cluster = Cluster::start(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--balance",
+            balance,
+        ]);
+        let addr = cluster.addr;
+        // Requests that keep the drain, and so the primary, alive for a while.
+        let blocked: Vec<_> = (0..2)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    support::get_once(addr, "/block?ms=1000").map(|(status, _)| status)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let during_stop = Arc::new(Mutex::new(Vec::new()));
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let (stopping, done, during_stop) =
+                    (stopping.clone(), done.clone(), during_stop.clone());
+                std::thread::spawn(move || {
+                    while !done.load(Ordering::SeqCst) {
+                        let started_during_stop = stopping.load(Ordering::SeqCst);
+                        let outcome = attempt(addr);
+                        if started_during_stop {
+                            during_stop.lock().unwrap().push(outcome);
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        stopping.store(true, Ordering::SeqCst);
+        cluster.signal(Signal::SIGTERM);
+        let status = cluster.wait_exit(Duration::from_secs(30));
+        done.store(true, Ordering::SeqCst);
+        for client in clients {
+            client.join().unwrap();
+        }
+        for request in blocked {
+            assert_eq!(request.join().unwrap().expect("in-flight request"), 200);
+        }
+        assert_eq!(status.code(), Some(0), "log:\n{}", cluster.stderr());
+        let outcomes = during_stop.lock().unwrap().clone();
+        let count = |kind| outcomes.iter().filter(|o| **o == kind).count();
+        // The clients really connected throughout the drain.
+        assert!(count(Attempt::Refused) >= 10, "{balance}: {outcomes:?}");
+        assert_eq!(count(Attempt::Lost), 0, "{balance}: {outcomes:?}");
+    }
+}
+
 #[test]
 fn cluster_hung_worker_is_caught_by_the_heartbeat_and_replaced() {
     let cluster = Cluster::start(&[

@@ -32,6 +32,8 @@ pub(crate) async fn accept_and_pass(
             {
                 continue
             }
+            // The socket was shut: the node is stopping.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => return,
             Err(err) => {
                 tracing::error!("accept failed: {err}; retrying in 100 ms");
                 tokio::time::sleep(Duration::from_millis(100)).await;

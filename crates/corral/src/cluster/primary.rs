@@ -489,6 +489,11 @@ impl Executor {
                 };
                 self.follow_ups.push_back(event);
             }
+            Action::StopListening => {
+                for address in &self.bound {
+                    address.stop_listening();
+                }
+            }
             Action::Drain { id, by, backlog } => self.drain(id, by, backlog),
             Action::NotifyDraining { id } => {
                 if let Some(outbox) = self.handles.get(&id).and_then(|h| h.outbox.as_ref()) {

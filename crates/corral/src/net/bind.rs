@@ -53,6 +53,9 @@ pub(crate) struct BoundAddress {
     attached: Option<Program>,
     /// Set once attaching failed: logged once, not retried.
     steering_failed: bool,
+    /// The first socket came from systemd, which keeps it (and queues on
+    /// it) across our restarts.
+    activated: bool,
 }
 
 impl BoundAddress {
@@ -67,6 +70,26 @@ impl BoundAddress {
             steering: None,
             attached: None,
             steering_failed: false,
+            activated: false,
+        }
+    }
+
+    /// The node is stopping: every socket corral bound itself stops
+    /// listening, in every process that holds it, so new connections are
+    /// refused (a client or load balancer retries those elsewhere) instead
+    /// of queueing where no worker will accept them. A socket from systemd
+    /// keeps listening: systemd holds it for the next start.
+    pub fn stop_listening(&self) {
+        let ours = self.sockets.iter().skip(usize::from(self.activated));
+        for socket in ours.flatten() {
+            // On Linux, shutting a listening socket's read side unhashes it:
+            // no new handshakes complete and `accept` fails with EINVAL.
+            #[cfg(target_os = "linux")]
+            if let Err(err) = socket.shutdown(std::net::Shutdown::Read) {
+                tracing::debug!("{}: could not stop listening: {err}", self.local);
+            }
+            #[cfg(not(target_os = "linux"))]
+            let _ = socket;
         }
     }
 
@@ -305,7 +328,9 @@ pub(crate) fn adopt(socket: Socket, slots: usize, layout: Layout) -> Result<Boun
             ));
         }
     }
-    Ok(BoundAddress::unsteered(local, layout, sockets))
+    let mut address = BoundAddress::unsteered(local, layout, sockets);
+    address.activated = true;
+    Ok(address)
 }
 
 fn listening_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {

@@ -88,17 +88,25 @@ impl Listener {
     }
 
     /// Polls every socket, starting after the one that yielded last, so a busy
-    /// address cannot starve the others.
+    /// address cannot starve the others. A socket that no longer listens
+    /// (the primary stopped it: the node is stopping) is let go.
     fn poll_accept_any(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
-        let count = self.sockets.len();
-        for offset in 0..count {
-            let index = (self.next + offset) % count;
-            if let Poll::Ready(result) = self.sockets[index].poll_accept(cx) {
-                self.next = (index + 1) % count;
-                return Poll::Ready(result);
+        let mut offset = 0;
+        while offset < self.sockets.len() {
+            let index = (self.next + offset) % self.sockets.len();
+            match self.sockets[index].poll_accept(cx) {
+                Poll::Ready(Err(err)) if no_longer_listening(&err) => {
+                    tracing::debug!("a listening socket was shut: the node is stopping");
+                    self.sockets.remove(index);
+                }
+                Poll::Ready(result) => {
+                    self.next = (index + 1) % self.sockets.len();
+                    return Poll::Ready(result);
+                }
+                Poll::Pending => offset += 1,
             }
         }
         Poll::Pending
@@ -197,6 +205,11 @@ fn into_tokio(connection: PassedConnection) -> io::Result<(TcpStream, SocketAddr
 }
 
 /// Errors that concern one connection that died in the queue, not the socket.
+/// `accept` on a socket that was shut down (EINVAL on Linux).
+fn no_longer_listening(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::EINVAL)
+}
+
 fn is_per_connection_error(err: &io::Error) -> bool {
     matches!(
         err.kind(),

@@ -550,6 +550,8 @@ impl Decision<'_> {
     /// `--shutdown-timeout`, the primary exits once all are gone.
     fn begin_stop(&mut self, why: &str) {
         self.state.stopping = true;
+        // Before any worker stops accepting, so nothing is left queued.
+        self.actions.push(Action::StopListening);
         let ids: Vec<WorkerId> = self.state.workers().map(|w| w.id).collect();
         let draining = ids.len();
         for id in ids {

@@ -568,6 +568,13 @@ fn drain_deadline_kills_stragglers_and_stop_exits_when_all_are_gone() {
         .filter(|a| matches!(a, Action::Drain { backlog: false, .. }))
         .count();
     assert_eq!(drains, 2);
+    // The sockets refuse new connections before any worker stops accepting.
+    let stop_listening = sim.actions.iter().position(|a| *a == Action::StopListening);
+    let first_drain = sim
+        .actions
+        .iter()
+        .position(|a| matches!(a, Action::Drain { .. }));
+    assert!(stop_listening.is_some() && stop_listening < first_drain);
     let first = sim.current(0);
     sim.send(Event::Exited {
         id: first,
