@@ -309,3 +309,23 @@ pub fn group_members(pgid: i32) -> Vec<i32> {
 pub fn process_alive(pid: i32) -> bool {
     process(pid).is_some_and(|p| !p.zombie)
 }
+
+/// A free loopback port for a server a test must start, or start again, on
+/// a port it names itself. It lies below the kernel's ephemeral range, so
+/// neither another test's `bind(0)` nor the source port of its outgoing
+/// connections can take it while the server is down (a port from `bind(0)`
+/// can be taken in between, which made restarts on it flaky).
+pub fn free_port() -> u16 {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = ephemeral_start.saturating_sub(12_000).max(1024);
+    for _ in 0..1000 {
+        let port = rand::random_range(low..ephemeral_start);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{ephemeral_start}");
+}

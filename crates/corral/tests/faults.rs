@@ -377,11 +377,7 @@ fn fault_spawn_errors_under_fd_pressure_back_off_and_are_not_a_crash_loop() {
 
 #[test]
 fn fault_a_dead_primary_leaves_no_port_squatter() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = corral_testkit::free_port();
     let listen = format!("127.0.0.1:{port}");
     let args = [
         "--listen",

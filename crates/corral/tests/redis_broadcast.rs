@@ -7,7 +7,6 @@
 //! killing its clients or the server itself disturbs no other test.
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -97,11 +96,8 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // The server is restarted on this port, so no one else may take it.
+        let port = corral_testkit::free_port();
         let mut redis = PrivateRedis { port, server: None };
         redis.restart();
         redis

@@ -8,7 +8,7 @@
 //! how a balancer hides a node that stops or dies. Each answer names the
 //! node that gave it in `X-Upstream`, so tests can tell who served what.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -49,11 +49,10 @@ impl Nginx {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .expect("open the prefix directory to nginx's workers");
-        // A port that was free a moment ago; another process taking it in
+        // A port that was free a moment ago (outside the range other tests'
+        // connections take theirs from); another process taking it in
         // between makes nginx fail to start, which is reported below.
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], corral_testkit::free_port()));
         let config = dir.path().join("nginx.conf");
         std::fs::write(&config, config_text(dir.path(), addr, nodes)).expect("write nginx.conf");
         let mut command = Command::new(program);
