@@ -159,6 +159,7 @@ fn rules(config: &Config) -> Rules {
         retry_max: Duration::from_secs(30),
         max_memory: config.max_memory,
         drain_delay: config.drain_delay,
+        primary_accepts: config.primary_accepts(),
     }
 }
 

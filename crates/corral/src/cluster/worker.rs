@@ -20,7 +20,7 @@ use crate::error::{BoxError, Error, Result};
 use crate::ipc::{self, ToPrimary, ToWorker};
 use crate::metrics::{EventLoopDelay, WorkerCounters, WorkerStats};
 use crate::net::fd_passing::{ConnectionReceiver, PassedConnection};
-use crate::net::{Listener, PassedQueue};
+use crate::net::{Drain, Listener, PassedQueue};
 use crate::pool::Pool;
 
 /// Environment variables the primary sets for each worker.
@@ -119,12 +119,8 @@ struct Shared {
     /// Since when (ms after `born`) connections could not be taken; 0: they can.
     intake_blocked_at_ms: AtomicU64,
     born: Instant,
-    /// Set by `Retire`: accept what is queued before stopping.
-    take_backlog: Arc<AtomicBool>,
-    /// Cancelled when draining starts: stop accepting, close keep-alives.
-    draining: CancellationToken,
-    /// Set when the primary announced that the node is going away.
-    node_draining: AtomicBool,
+    /// The drain as the primary asked for it and as far as it has got.
+    drain: Arc<Drain>,
     /// Cancelled when the serve future should wind up.
     shutdown: CancellationToken,
     /// The limits `Worker::serve` enforces.
@@ -199,9 +195,9 @@ impl Shared {
     }
 
     fn begin_drain(&self, why: &str) {
-        if !self.draining.is_cancelled() {
+        if !self.drain.started.is_cancelled() {
             tracing::info!("draining: {why}");
-            self.draining.cancel();
+            self.drain.started.cancel();
         }
     }
 }
@@ -274,8 +270,7 @@ impl Worker {
             sockets,
             self.shared.passed.clone(),
             self.shared.passed_pending.clone(),
-            self.shared.draining.clone(),
-            self.shared.take_backlog.clone(),
+            self.shared.drain.clone(),
             self.shared.counters.clone(),
         )
     }
@@ -290,7 +285,7 @@ impl Worker {
     /// True once the primary asked this worker to drain (on stop, reload or
     /// recycle).
     pub fn is_draining(&self) -> bool {
-        self.shared.draining.is_cancelled()
+        self.shared.drain.started.is_cancelled()
     }
 
     /// True once the node this worker belongs to is going away: the primary
@@ -315,7 +310,7 @@ impl Worker {
     /// # }
     /// ```
     pub fn is_node_draining(&self) -> bool {
-        self.shared.node_draining.load(Ordering::SeqCst)
+        self.shared.drain.node.load(Ordering::SeqCst)
     }
 
     /// A tower layer that counts requests for the heartbeat (and for
@@ -323,7 +318,10 @@ impl Worker {
     /// `Connection: close` so keep-alive clients reconnect to a live worker
     /// instead of meeting a closed socket.
     pub fn track_requests(&self) -> TrackRequestsLayer {
-        TrackRequestsLayer::new(self.shared.counters.clone(), self.shared.draining.clone())
+        TrackRequestsLayer::new(
+            self.shared.counters.clone(),
+            self.shared.drain.started.clone(),
+        )
     }
 
     /// Sends a message to the primary's
@@ -541,9 +539,7 @@ where
             primary_lost: Arc::default(),
             intake_blocked_at_ms: AtomicU64::new(0),
             born: Instant::now(),
-            take_backlog: Arc::default(),
-            draining: CancellationToken::new(),
-            node_draining: AtomicBool::new(false),
+            drain: Arc::default(),
             shutdown: CancellationToken::new(),
             serve_options: serve_options(&config),
             app_metrics: Default::default(),
@@ -551,7 +547,7 @@ where
             app_metrics_too_big: AtomicBool::new(false),
         });
         super::watchdog::start(
-            shared.draining.clone(),
+            shared.drain.started.clone(),
             shared.primary_lost.clone(),
             config.shutdown_timeout,
         )?;
@@ -594,13 +590,17 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
         match receiver.recv::<ToWorker>().await {
             Ok(ToWorker::Drain) => shared.begin_drain("asked by the primary"),
             Ok(ToWorker::NodeDraining) => {
-                if !shared.node_draining.swap(true, Ordering::SeqCst) {
+                if !shared.drain.node.swap(true, Ordering::SeqCst) {
                     tracing::info!("the node is draining: readiness fails, still serving");
                 }
             }
             Ok(ToWorker::Retire) => {
-                shared.take_backlog.store(true, Ordering::SeqCst);
-                shared.begin_drain("its slot is retired (scaled down)");
+                shared.drain.take_backlog.store(true, Ordering::SeqCst);
+                shared.begin_drain(if shared.drain.node.load(Ordering::SeqCst) {
+                    "the node is stopping"
+                } else {
+                    "its slot is retired (scaled down)"
+                });
             }
             Ok(ToWorker::Broadcast { from_slot, payload }) => {
                 // No subscriber yet is fine: nobody was listening.
@@ -613,7 +613,7 @@ async fn listen_to_primary(mut receiver: ipc::Receiver, shared: Arc<Shared>) {
                 // Without its primary nobody supervises this worker: finish
                 // what is in flight and leave (the watchdog makes sure of it).
                 shared.primary_lost.store(true, Ordering::SeqCst);
-                shared.node_draining.store(true, Ordering::SeqCst);
+                shared.drain.node.store(true, Ordering::SeqCst);
                 shared.begin_drain(&format!("lost the primary ({err})"));
                 return;
             }
@@ -748,10 +748,15 @@ async fn heartbeat(shared: Arc<Shared>, config: Config) {
 /// told `Connection: close` on their next request), for at most `grace`, then
 /// asks the server to stop.
 async fn sequence_drain(shared: Arc<Shared>, grace: Duration) {
-    shared.draining.cancelled().await;
+    shared.drain.started.cancelled().await;
     let deadline = tokio::time::Instant::now() + grace;
     let settled = |shared: &Shared| {
-        shared.passed_done.load(Ordering::SeqCst)
+        // A connection still queued for this worker is not settled: winding
+        // up before the listener took it would leave it to be reset.
+        let backlog_done = !shared.drain.take_backlog.load(Ordering::SeqCst)
+            || shared.drain.backlog_taken.load(Ordering::SeqCst);
+        backlog_done
+            && shared.passed_done.load(Ordering::SeqCst)
             && shared.passed_pending.load(Ordering::SeqCst) == 0
             && shared.counters.connections_open.load(Ordering::Relaxed) == 0
     };

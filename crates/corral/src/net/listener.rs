@@ -46,13 +46,26 @@ pub struct Listener {
     passed: PassedQueue,
     passed_pending: Arc<AtomicUsize>,
     next: usize,
-    draining: CancellationToken,
-    /// Set when the slot is retired: while draining, still accept what is
-    /// already queued on the socket, since no replacement will.
-    take_backlog: Arc<AtomicBool>,
+    drain: Arc<Drain>,
     counters: Arc<WorkerCounters>,
     /// Accepts failed in a row (out of descriptors, memory).
     accept_failures: u32,
+}
+
+/// How far a worker's drain has got: set by the primary's messages, read
+/// by the listener and the drain sequence.
+#[derive(Debug, Default)]
+pub(crate) struct Drain {
+    /// Cancelled when the worker drains: the listener stops accepting.
+    pub started: CancellationToken,
+    /// The slot, or the whole node, goes away: while draining, still accept
+    /// what is already queued on the socket, since no replacement will.
+    pub take_backlog: AtomicBool,
+    /// The node goes away: readiness fails, and once the backlog is taken
+    /// the sockets stop listening.
+    pub node: AtomicBool,
+    /// The listener found its queue empty after the drain began.
+    pub backlog_taken: AtomicBool,
 }
 
 /// Connections the primary passed to this worker (accept-and-pass modes).
@@ -71,8 +84,7 @@ impl Listener {
         sockets: Vec<TcpListener>,
         passed: PassedQueue,
         passed_pending: Arc<AtomicUsize>,
-        draining: CancellationToken,
-        take_backlog: Arc<AtomicBool>,
+        drain: Arc<Drain>,
         counters: Arc<WorkerCounters>,
     ) -> Self {
         Listener {
@@ -80,8 +92,7 @@ impl Listener {
             passed,
             passed_pending,
             next: 0,
-            draining,
-            take_backlog,
+            drain,
             counters,
             accept_failures: 0,
         }
@@ -112,10 +123,24 @@ impl Listener {
         Poll::Pending
     }
 
+    /// Shuts every socket's read side: on Linux the socket stops
+    /// listening in every process that holds it, and new connections are
+    /// refused. Only when the node stops: in the shared layout the other
+    /// workers accept from the same socket.
+    fn stop_listening(&mut self) {
+        for socket in self.sockets.drain(..) {
+            #[cfg(target_os = "linux")]
+            if let Err(err) = socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Read) {
+                tracing::debug!("could not stop listening: {err}");
+            }
+            #[cfg(not(target_os = "linux"))]
+            drop(socket);
+        }
+    }
+
     async fn accept_connection(&mut self) -> (Connection, SocketAddr) {
         loop {
-            let draining = self.draining.clone();
-            let take_backlog = self.take_backlog.clone();
+            let drain = self.drain.clone();
             let passed = self.passed.clone();
             // Passed connections are taken even while draining: the primary
             // stopped sending before the drain, so these few were already on
@@ -128,12 +153,12 @@ impl Listener {
                 result = async {
                     let accepted = tokio::select! {
                         biased;
-                        _ = draining.cancelled() => None,
+                        _ = drain.started.cancelled() => None,
                         result = poll_fn(|cx| self.poll_accept_any(cx)) => Some(result),
                     };
                     match accepted {
                         Some(result) => result,
-                        None if take_backlog.load(Ordering::SeqCst) => {
+                        None if drain.take_backlog.load(Ordering::SeqCst) => {
                             let queued = poll_fn(|cx| {
                                 Poll::Ready(match self.poll_accept_any(cx) {
                                     Poll::Ready(result) => Some(result),
@@ -143,7 +168,17 @@ impl Listener {
                             .await;
                             match queued {
                                 Some(result) => result,
-                                None => std::future::pending().await,
+                                None => {
+                                    // Once the node is going away, later
+                                    // clients are refused (and retry
+                                    // elsewhere) instead of queueing where
+                                    // no one accepts.
+                                    if drain.node.load(Ordering::SeqCst) {
+                                        self.stop_listening();
+                                    }
+                                    drain.backlog_taken.store(true, Ordering::SeqCst);
+                                    std::future::pending().await
+                                }
                             }
                         }
                         None => std::future::pending().await,

@@ -11,6 +11,6 @@ pub(crate) mod proxy_protocol;
 mod serve;
 pub(crate) mod steering;
 
-pub(crate) use listener::PassedQueue;
 pub use listener::{Connection, Listener};
+pub(crate) use listener::{Drain, PassedQueue};
 pub use serve::{default_max_connections, serve, ServeOptions};

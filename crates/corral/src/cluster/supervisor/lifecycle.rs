@@ -550,14 +550,24 @@ impl Decision<'_> {
     /// `--shutdown-timeout`, the primary exits once all are gone.
     fn begin_stop(&mut self, why: &str) {
         self.state.stopping = true;
-        // Before any worker stops accepting, so nothing is left queued.
-        self.actions.push(Action::StopListening);
+        // The sockets must stop listening, or what queues on them is reset
+        // when the primary exits, after its clients sent their requests;
+        // refused connections are retried elsewhere. Whoever accepts shuts
+        // them once its queue is empty: corral workers after taking their
+        // backlog (a busy worker's queue is still served), the primary at
+        // once when it accepts itself (it never falls behind) or when an
+        // external program, which cannot be asked, does.
+        let rules = &self.state.rules;
+        if rules.primary_accepts || !rules.kind.hears_node_drain() {
+            self.actions.push(Action::StopListening);
+        }
+        let take_backlog = rules.kind.hears_node_drain();
         let ids: Vec<WorkerId> = self.state.workers().map(|w| w.id).collect();
         let draining = ids.len();
         for id in ids {
             match self.state.worker(id).map(|w| w.phase) {
                 Some(Phase::Spawning) => {}
-                _ => self.drain(id, false),
+                _ => self.drain(id, take_backlog),
             }
         }
         for slot in &mut self.state.slots {

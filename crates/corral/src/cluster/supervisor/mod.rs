@@ -119,13 +119,14 @@ pub(crate) enum Action {
         id: WorkerId,
         build: Build,
     },
-    /// The node is stopping: make the listening sockets refuse new
-    /// connections. Once no worker accepts, a connection left in a queue is
-    /// reset after its client has sent a request; a refused one is safe to
-    /// retry on another node.
+    /// The node is stopping and the primary's sockets are not the workers'
+    /// to close: make them refuse new connections now. Once no one accepts,
+    /// a connection left in a queue is reset after its client has sent a
+    /// request; a refused one is safe to retry on another node.
     StopListening,
-    /// Ask the worker to finish its work and exit. `backlog`: its slot is
-    /// going away, so it must first accept what is queued on its socket.
+    /// Ask the worker to finish its work and exit. `backlog`: its slot (or
+    /// the whole node) is going away, so it must first accept what is
+    /// queued on its socket; at a node stop it then shuts the socket.
     Drain {
         id: WorkerId,
         by: DrainBy,

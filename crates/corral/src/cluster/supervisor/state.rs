@@ -325,6 +325,9 @@ pub(crate) struct Rules {
     /// node is draining (`--drain-delay`), so load balancers stop sending
     /// before anyone stops accepting.
     pub drain_delay: Duration,
+    /// The primary accepts and passes connections (round-robin, least-conn,
+    /// sticky with PROXY): its accept queue is its own, not the workers'.
+    pub primary_accepts: bool,
 }
 
 impl Rules {

@@ -23,6 +23,7 @@ fn rules() -> Rules {
         retry_max: Duration::from_secs(30),
         max_memory: None,
         drain_delay: Duration::ZERO,
+        primary_accepts: false,
     }
 }
 
@@ -565,16 +566,9 @@ fn drain_deadline_kills_stragglers_and_stop_exits_when_all_are_gone() {
     let drains = sim
         .actions
         .iter()
-        .filter(|a| matches!(a, Action::Drain { backlog: false, .. }))
+        .filter(|a| matches!(a, Action::Drain { backlog: true, .. }))
         .count();
-    assert_eq!(drains, 2);
-    // The sockets refuse new connections before any worker stops accepting.
-    let stop_listening = sim.actions.iter().position(|a| *a == Action::StopListening);
-    let first_drain = sim
-        .actions
-        .iter()
-        .position(|a| matches!(a, Action::Drain { .. }));
-    assert!(stop_listening.is_some() && stop_listening < first_drain);
+    assert_eq!(drains, 2, "every worker takes its backlog before it drains");
     let first = sim.current(0);
     sim.send(Event::Exited {
         id: first,
@@ -587,6 +581,60 @@ fn drain_deadline_kills_stragglers_and_stop_exits_when_all_are_gone() {
     sim.reap_killed();
     assert!(sim.actions.contains(&Action::Exit(Ok(()))));
     assert_eq!(sim.spawns(), 2, "nothing restarted while stopping");
+}
+
+/// At a stop, whoever accepts makes the sockets refuse new connections once
+/// its queue is empty: corral workers take their backlog first and shut
+/// their sockets themselves; the primary shuts them before anyone drains
+/// when it accepts itself, or when the workers are external programs.
+#[test]
+fn a_stop_has_the_sockets_stop_listening_after_the_queues_are_taken() {
+    let external = Kind::External {
+        ready_after: Duration::from_millis(100),
+    };
+    // (kind, the primary accepts, the primary stops listening, drains take the backlog)
+    let table = [
+        (Kind::Corral, false, false, true),
+        (Kind::Corral, true, true, true),
+        (external, false, true, false),
+        (external, true, true, false),
+    ];
+    for (kind, primary_accepts, stops_listening, backlog) in table {
+        let case = format!("{kind:?}, primary accepts: {primary_accepts}");
+        let mut rules = rules();
+        rules.kind = kind;
+        rules.primary_accepts = primary_accepts;
+        let mut sim = Sim::with(rules, 2);
+        sim.send(Event::Start);
+        sim.ready_all();
+        sim.advance(Duration::from_secs(1));
+        let actions = sim.send(Event::Stop {
+            why: "SIGTERM".to_owned(),
+            reply: None,
+        });
+        let stop_listening = actions.iter().position(|a| *a == Action::StopListening);
+        let drains: Vec<(usize, bool)> = actions
+            .iter()
+            .enumerate()
+            .filter_map(|(at, a)| match a {
+                Action::Drain { backlog, .. } => Some((at, *backlog)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(drains.len(), 2, "{case}: {actions:?}");
+        assert!(
+            drains.iter().all(|(_, b)| *b == backlog),
+            "{case}: {actions:?}"
+        );
+        assert_eq!(
+            stop_listening.is_some(),
+            stops_listening,
+            "{case}: {actions:?}"
+        );
+        if let Some(at) = stop_listening {
+            assert!(at < drains[0].0, "{case}: before any drain");
+        }
+    }
 }
 
 #[test]
@@ -1129,7 +1177,7 @@ fn during_the_drain_delay_no_reload_or_scale_starts_and_a_restart_is_told_too() 
     assert!(sim.actions.contains(&Action::Drain {
         id: replacement,
         by: DrainBy::Message,
-        backlog: false
+        backlog: true
     }));
 }
 
