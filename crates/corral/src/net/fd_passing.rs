@@ -545,6 +545,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn several_connections_cross_in_one_message_in_order() {
+        let (primary, worker) = pair().unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (clients, connections): (Vec<_>, Vec<_>) =
+            (0..MAX_BATCH).map(|_| connection(&listener)).unzip();
+        let headers: Vec<PassedHeader> = connections.iter().map(|c| c.header).collect();
+        sender
+            .send_batch(connections)
+            .await
+            .map_err(|(err, _)| err)
+            .unwrap();
+        // One message: a receiver asking for one gets the whole batch.
+        let mut batch = receiver.recv_batch(1).await.unwrap();
+        assert_eq!(batch.iter().map(|c| c.header).collect::<Vec<_>>(), headers);
+        assert!(sender.acknowledged().await.unwrap());
+        assert_eq!(sender.unacknowledged(), 0);
+        for (mut client, passed) in clients.into_iter().zip(&mut batch) {
+            ping(&mut client, &mut passed.stream);
+        }
+    }
+
+    #[tokio::test]
     async fn a_worker_that_dies_before_acknowledging_gives_every_connection_back() {
         let (primary, worker) = pair().unwrap();
         let mut sender = ConnectionSender::new(primary).unwrap();
@@ -659,6 +683,16 @@ mod tests {
         let mut longer = frame.clone();
         longer.push(0);
         assert!(decode_frames(&longer).is_err());
+        let mut two = frame.clone();
+        two.extend_from_slice(&encode_frame(7, &header).unwrap());
+        assert_eq!(
+            decode_frames(&two).unwrap(),
+            vec![(Some(u64::MAX), header), (Some(7), header)]
+        );
+        // A header without its number is only valid alone.
+        let mut unnumbered = frame.clone();
+        unnumbered.extend_from_slice(&postcard::to_allocvec(&header).unwrap());
+        assert!(decode_frames(&unnumbered).is_err());
     }
 
     #[test]
