@@ -3,13 +3,16 @@
 //! each request with a 3 s timeout, and count every failure by kind. Prints
 //! one JSON line.
 //!
-//! Usage: chaos_load HOST:PORT SECONDS THREADS [--sources N] [--proxy-protocol] [--mark FILE]
+//! Usage: chaos_load HOST:PORT SECONDS THREADS [--sources N] [--proxy-protocol] [--retry-stale] [--mark FILE]
 //!
 //! - `--sources N`: thread `i` connects from 127.0.0.(2 + i % N), so that
 //!   sticky balancing, which hashes the client address, spreads the threads
 //!   over the workers.
 //! - `--proxy-protocol`: each connection starts with a PROXY v1 header naming
 //!   a client address of its own thread (192.0.2.(1 + i)).
+//! - `--retry-stale`: a request on a kept-alive connection that fails before
+//!   a byte of the response (the server closed the idle connection) is
+//!   retried once on a new connection, as HTTP clients do; counted once.
 //! - `--mark FILE`: FILE holds a Unix time in milliseconds, written while the
 //!   load runs (just before a `kill -9`); the outcomes are then counted
 //!   separately for requests started before and after it, and the failures
@@ -30,6 +33,7 @@ struct Client {
     keep_alive: bool,
     source: Option<Ipv4Addr>,
     proxy_from: Option<Ipv4Addr>,
+    retry_stale: bool,
 }
 
 /// One request's start (Unix ms) and outcome.
@@ -39,7 +43,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
         eprintln!(
-            "usage: chaos_load HOST:PORT SECONDS THREADS [--sources N] [--proxy-protocol] [--mark FILE]"
+            "usage: chaos_load HOST:PORT SECONDS THREADS [--sources N] [--proxy-protocol] [--retry-stale] [--mark FILE]"
         );
         std::process::exit(2)
     };
@@ -50,7 +54,7 @@ fn main() {
     ) else {
         usage()
     };
-    let (mut sources, mut proxy, mut mark) = (None, false, None);
+    let (mut sources, mut proxy, mut mark, mut retry_stale) = (None, false, None, false);
     let mut rest = args.iter().skip(3);
     while let Some(flag) = rest.next() {
         match flag.as_str() {
@@ -63,6 +67,7 @@ fn main() {
                 )
             }
             "--proxy-protocol" => proxy = true,
+            "--retry-stale" => retry_stale = true,
             "--mark" => mark = Some(rest.next().unwrap_or_else(|| usage()).clone()),
             _ => usage(),
         }
@@ -77,6 +82,7 @@ fn main() {
                 keep_alive: n % 2 == 1,
                 source: sources.map(|count| Ipv4Addr::new(127, 0, 0, 2 + (n % count) as u8)),
                 proxy_from: proxy.then(|| Ipv4Addr::new(192, 0, 2, 1 + (n % 250) as u8)),
+                retry_stale,
             };
             std::thread::spawn(move || {
                 let mine = run(client, end);
@@ -160,6 +166,24 @@ fn connect(client: Client) -> std::io::Result<TcpStream> {
 
 /// One request; the outcome's name (`ok` or the kind of failure).
 fn request(client: Client, connection: &mut Option<BufReader<TcpStream>>) -> &'static str {
+    let reused = connection.is_some();
+    let outcome = attempt(client, connection);
+    // A kept-alive connection the server closed while it was idle fails
+    // before a byte of the response; HTTP clients retry such an idempotent
+    // request once on a new connection (RFC 9110, 9.2.2), and so does this.
+    if client.retry_stale && reused && matches!(outcome, "stale_closed" | "stale_reset" | "stale_write") {
+        return attempt(client, connection);
+    }
+    match outcome {
+        "stale_closed" => "closed_early",
+        "stale_reset" => "reset",
+        "stale_write" => "write_error",
+        other => other,
+    }
+}
+
+/// One try; `stale_*` when the connection failed before any response byte.
+fn attempt(client: Client, connection: &mut Option<BufReader<TcpStream>>) -> &'static str {
     let (addr, keep_alive) = (client.addr, client.keep_alive);
     if connection.is_none() {
         let mut stream = match connect(client) {
@@ -197,7 +221,7 @@ fn request(client: Client, connection: &mut Option<BufReader<TcpStream>>) -> &'s
     .is_err()
     {
         *connection = None;
-        return "write_error";
+        return "stale_write";
     }
     let result = read_response(reader);
     match result {
@@ -222,8 +246,13 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Result<bool, &'static str
         _ => "read_error",
     };
     let mut line = String::new();
-    if reader.read_line(&mut line).map_err(classify)? == 0 {
-        return Err("closed_early");
+    match reader.read_line(&mut line) {
+        Ok(0) => return Err("stale_closed"),
+        Err(err) if err.kind() == ErrorKind::ConnectionReset && line.is_empty() => {
+            return Err("stale_reset")
+        }
+        Err(err) => return Err(classify(err)),
+        Ok(_) => {}
     }
     if line.split_whitespace().nth(1) != Some("200") {
         return Err("bad_status");
