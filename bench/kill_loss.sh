@@ -27,7 +27,7 @@ LOAD=target/release/chaos_load
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
 
-now_ms() { date +%s%3N; }
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; echo "${t:0:-3}"; }
 # failed JSON_PART: the number of outcomes other than "ok" in {"kind": n, ...}
 failed() { python3 -c 'import json,sys; print(sum(v for k, v in json.loads(sys.argv[1]).items() if k != "ok"))' "$1"; }
 part() { python3 -c 'import json,sys; print(json.dumps(json.loads(sys.argv[1])[sys.argv[2]]))' "$1" "$2"; }
@@ -55,8 +55,11 @@ for mode in "${MODES[@]}"; do
     sleep 1
     mapfile -t before < <(pgrep -P "$primary")
     victim=${before[0]}
-    now_ms >"$mark"
     kill -KILL "$victim"
+    # Taken after kill(2) returned (no fork: bash's own clock): from here
+    # the victim runs no more code, so a request started later was started
+    # after the kill.
+    now_ms >"$mark"
     # Proof: the victim is gone and a replacement pid serves its slot.
     died=no replaced=no
     for _ in $(seq 100); do

@@ -1,7 +1,8 @@
 //! Handing accepted connections from the primary to a worker: the TCP
-//! socket's descriptor travels as `SCM_RIGHTS` ancillary data on a
-//! `SOCK_SEQPACKET` Unix socket pair, with a small header naming the listen
-//! address and the client, and a sequence number.
+//! sockets' descriptors travel as `SCM_RIGHTS` ancillary data on a
+//! `SOCK_SEQPACKET` Unix socket pair, up to [`MAX_BATCH`] in one message,
+//! each with a small frame naming the listen address and the client, and a
+//! sequence number.
 //!
 //! The hand-off is acknowledged: the primary keeps its copy of each
 //! descriptor until the worker sends back (on the same pair, before it reads
