@@ -171,7 +171,10 @@ fn request(client: Client, connection: &mut Option<BufReader<TcpStream>>) -> &'s
     // A kept-alive connection the server closed while it was idle fails
     // before a byte of the response; HTTP clients retry such an idempotent
     // request once on a new connection (RFC 9110, 9.2.2), and so does this.
-    if client.retry_stale && reused && matches!(outcome, "stale_closed" | "stale_reset" | "stale_write") {
+    if client.retry_stale
+        && reused
+        && matches!(outcome, "stale_closed" | "stale_reset" | "stale_write")
+    {
         return attempt(client, connection);
     }
     match outcome {
@@ -197,11 +200,7 @@ fn attempt(client: Client, connection: &mut Option<BufReader<TcpStream>>) -> &'s
         let _ = stream.set_nodelay(true);
         if let Some(from) = client.proxy_from {
             let port = stream.local_addr().map(|a| a.port()).unwrap_or(1);
-            let header = format!(
-                "PROXY TCP4 {from} {} {port} {}\r\n",
-                addr.ip(),
-                addr.port()
-            );
+            let header = format!("PROXY TCP4 {from} {} {port} {}\r\n", addr.ip(), addr.port());
             if stream.write_all(header.as_bytes()).is_err() {
                 return "write_error";
             }
