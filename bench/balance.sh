@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Accept-and-pass balancing benchmark: hello-world throughput and p99 of
-# corral's round-robin and sticky modes against reuseport (kernel balancing),
+# Balancing benchmark: hello-world throughput and p99 of corral's
+# round-robin and least-conn modes (accept-and-pass through the primary) and
+# sticky (steered by the kernel) against reuseport (kernel balancing),
 # with keep-alive and with a new connection per request, and the same for
 # Node's cluster module (round-robin), all side by side in one run.
 #
@@ -32,11 +33,12 @@ load() { # load EXTRA_WRK_ARGS...: prints "RPS P99_MS ERRORS"
 }
 
 declare -A RESULT MANY
-SERVERS=("corral reuseport" "corral round-robin" "corral sticky" "node cluster round-robin")
+SERVERS=("corral reuseport" "corral round-robin" "corral least-conn" "corral sticky" "node cluster round-robin")
 command_for() {
   case "$1" in
     "corral reuseport") echo "$HELLO --listen 127.0.0.1:0 --workers $WORKERS --balance reuseport" ;;
     "corral round-robin") echo "$HELLO --listen 127.0.0.1:0 --workers $WORKERS --balance round-robin" ;;
+    "corral least-conn") echo "$HELLO --listen 127.0.0.1:0 --workers $WORKERS --balance least-conn" ;;
     "corral sticky") echo "$HELLO --listen 127.0.0.1:0 --workers $WORKERS --balance sticky" ;;
     "node cluster round-robin") echo "node bench/peers/node-cluster/server.js $WORKERS" ;;
   esac
@@ -81,7 +83,7 @@ table RESULT "socket errors" "keep-alive" "new connection"
 rps() { rate RESULT "$1" "$2"; }
 echo
 for mode in "keep-alive" "new connection"; do
-  echo "- $mode: round-robin / reuseport $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(rps "corral sticky" "$mode")" "$(rps "corral reuseport" "$mode")")x, corral round-robin / node cluster $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "node cluster round-robin" "$mode")")x, corral sticky / node cluster $(ratio "$(rps "corral sticky" "$mode")" "$(rps "node cluster round-robin" "$mode")")x"
+  echo "- $mode: round-robin / reuseport $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "corral reuseport" "$mode")")x, least-conn / reuseport $(ratio "$(rps "corral least-conn" "$mode")" "$(rps "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(rps "corral sticky" "$mode")" "$(rps "corral reuseport" "$mode")")x, corral round-robin / node cluster $(ratio "$(rps "corral round-robin" "$mode")" "$(rps "node cluster round-robin" "$mode")")x, corral sticky / node cluster $(ratio "$(rps "corral sticky" "$mode")" "$(rps "node cluster round-robin" "$mode")")x"
 done
 
 echo
@@ -91,5 +93,5 @@ table MANY "errors" keep-alive new-connection
 many() { rate MANY "$1" "$2"; }
 echo
 for mode in keep-alive new-connection; do
-  echo "- $mode, many clients: round-robin / reuseport $(ratio "$(many "corral round-robin" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(many "corral sticky" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / node cluster $(ratio "$(many "corral sticky" "$mode")" "$(many "node cluster round-robin" "$mode")")x"
+  echo "- $mode, many clients: round-robin / reuseport $(ratio "$(many "corral round-robin" "$mode")" "$(many "corral reuseport" "$mode")")x, least-conn / reuseport $(ratio "$(many "corral least-conn" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / reuseport $(ratio "$(many "corral sticky" "$mode")" "$(many "corral reuseport" "$mode")")x, sticky / node cluster $(ratio "$(many "corral sticky" "$mode")" "$(many "node cluster round-robin" "$mode")")x"
 done

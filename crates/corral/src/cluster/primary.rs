@@ -777,11 +777,9 @@ impl Executor {
                 continue;
             };
             let socket: std::net::TcpListener = socket.try_clone()?.into();
-            socket.set_nonblocking(true)?;
-            let listener = tokio::net::TcpListener::from_std(socket)?;
             self.acceptors.push(tokio::spawn(accept_and_pass(
                 index as u16,
-                listener,
+                socket,
                 balancer.clone(),
                 self.config.proxy_protocol,
                 self.config.header_timeout,

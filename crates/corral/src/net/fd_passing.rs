@@ -1,7 +1,8 @@
 //! Handing accepted connections from the primary to a worker: the TCP
-//! socket's descriptor travels as `SCM_RIGHTS` ancillary data on a
-//! `SOCK_SEQPACKET` Unix socket pair, with a small header naming the listen
-//! address and the client, and a sequence number.
+//! sockets' descriptors travel as `SCM_RIGHTS` ancillary data on a
+//! `SOCK_SEQPACKET` Unix socket pair, up to [`MAX_BATCH`] in one message,
+//! each with a small frame naming the listen address and the client, and a
+//! sequence number.
 //!
 //! The hand-off is acknowledged: the primary keeps its copy of each
 //! descriptor until the worker sends back (on the same pair, before it reads
@@ -30,6 +31,12 @@ use tokio::io::Interest;
 /// in far less.
 const MAX_HEADER: usize = 64;
 
+/// Connections passed in one message at most (`SCM_RIGHTS` carries up to
+/// 253 descriptors). One message per batch instead of one per connection
+/// saves a `sendmsg` in the primary, and a `recvmsg` and a wake-up in the
+/// worker, for every connection but the first.
+pub(crate) const MAX_BATCH: usize = 32;
+
 /// An acknowledgement: the highest sequence number taken, little-endian.
 const ACK_BYTES: usize = 8;
 
@@ -54,18 +61,30 @@ pub(crate) fn encode_frame(seq: u64, header: &PassedHeader) -> Result<Vec<u8>, p
     Ok(frame)
 }
 
-/// Decodes the bytes that came with a descriptor: its header, and its
-/// sequence number when the primary wants an acknowledgement.
-pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(Option<u64>, PassedHeader), postcard::Error> {
-    let (header, rest) = postcard::take_from_bytes::<PassedHeader>(bytes)?;
+/// Decodes a message carrying several descriptors: one frame (header, then
+/// sequence number) per descriptor, in the descriptors' order; a single
+/// header with no number is what a primary that wants no acknowledgement
+/// sends.
+pub(crate) fn decode_frames(
+    bytes: &[u8],
+) -> Result<Vec<(Option<u64>, PassedHeader)>, postcard::Error> {
+    let (header, mut rest) = postcard::take_from_bytes::<PassedHeader>(bytes)?;
     if rest.is_empty() {
-        return Ok((None, header));
+        return Ok(vec![(None, header)]);
     }
-    let (seq, rest) = postcard::take_from_bytes::<u64>(rest)?;
-    if !rest.is_empty() {
-        return Err(postcard::Error::DeserializeBadEncoding);
+    let mut frames = Vec::new();
+    let mut header = header;
+    loop {
+        let (seq, after) = postcard::take_from_bytes::<u64>(rest)?;
+        frames.push((Some(seq), header));
+        if after.is_empty() || frames.len() == MAX_BATCH {
+            if !after.is_empty() {
+                return Err(postcard::Error::DeserializeBadEncoding);
+            }
+            return Ok(frames);
+        }
+        (header, rest) = postcard::take_from_bytes::<PassedHeader>(after)?;
     }
-    Ok((Some(seq), header))
 }
 
 /// A connection on its way to a worker.
@@ -86,10 +105,23 @@ pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     .map_err(io::Error::from)
 }
 
+/// How often the primary reads a worker's acknowledgements while it holds
+/// connections the worker has not acknowledged. Reading them as they come
+/// would wake the primary once more per connection (the pair is not
+/// registered with the event loop at all, for the same reason: the worker
+/// taking each message would wake it too); at this pace the primary holds a
+/// few milliseconds' worth of descriptors, and learns of a worker's death
+/// with its connections within one period.
+pub(crate) const ACK_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Past this many unacknowledged connections, each send reads the
+/// acknowledgements first, so a flood cannot pile up descriptors.
+const READ_ACKS_AT: usize = 256;
+
 /// The primary's end: passes connections and holds each one until the
 /// worker acknowledges it.
 pub(crate) struct ConnectionSender {
-    socket: AsyncFd<OwnedFd>,
+    socket: OwnedFd,
     next_seq: u64,
     /// Passed and not yet acknowledged, oldest first. Holding the stream
     /// keeps the connection open whatever happens to the worker.
@@ -102,93 +134,113 @@ impl ConnectionSender {
     pub fn new(socket: OwnedFd) -> io::Result<Self> {
         set_nonblocking(socket.as_raw_fd())?;
         Ok(ConnectionSender {
-            socket: register(socket, Interest::READABLE | Interest::WRITABLE)?,
+            socket,
             next_seq: 1,
             unacknowledged: VecDeque::new(),
             worker_closed: false,
         })
     }
 
-    /// Sends one connection and keeps it until the worker acknowledges it. On
-    /// error (the worker is gone) the connection is handed back, so it can be
-    /// given to another worker instead of being lost; the unacknowledged ones
-    /// are in [`into_unacknowledged`](Self::into_unacknowledged).
-    ///
-    /// While the worker's queue is full this keeps reading acknowledgements,
-    /// so a worker waiting to send one never deadlocks with it.
+    /// Sends one connection and keeps it until the worker acknowledges it;
+    /// see [`send_batch`](Self::send_batch).
+    #[cfg(test)]
     pub async fn send(
         &mut self,
         connection: PassedConnection,
     ) -> Result<(), (io::Error, PassedConnection)> {
-        let seq = self.next_seq;
-        let frame = match encode_frame(seq, &connection.header) {
-            Ok(bytes) => bytes,
-            Err(err) => return Err((io::Error::other(err), connection)),
-        };
-        let fds = [connection.stream.as_raw_fd()];
-        loop {
-            tokio::select! {
-                ready = self.socket.writable() => {
-                    let mut guard = match ready {
-                        Ok(guard) => guard,
-                        Err(err) => return Err((err, connection)),
-                    };
-                    let sent = guard.try_io(|socket| {
-                        sendmsg::<()>(
-                            socket.as_raw_fd(),
-                            &[IoSlice::new(&frame)],
-                            &[ControlMessage::ScmRights(&fds)],
-                            MsgFlags::MSG_NOSIGNAL,
-                            None,
-                        )
-                        .map_err(io::Error::from)
-                    });
-                    match sent {
-                        Ok(Ok(_)) => break,
-                        Ok(Err(err)) => return Err((err, connection)),
-                        Err(_would_block) => continue,
-                    }
-                }
-                ready = self.socket.readable(), if !self.worker_closed => {
-                    let mut guard = match ready {
-                        Ok(guard) => guard,
-                        Err(err) => return Err((err, connection)),
-                    };
-                    if let Ok(received) = guard.try_io(|socket| receive_ack(socket.as_raw_fd())) {
-                        match received {
-                            Ok(Some(taken)) => release(&mut self.unacknowledged, taken),
-                            // Sending will fail next and report it.
-                            Ok(None) | Err(_) => self.worker_closed = true,
-                        }
-                    }
-                }
+        self.send_batch(vec![connection])
+            .await
+            .map_err(|(err, mut back)| (err, back.remove(0)))
+    }
+
+    /// Sends up to [`MAX_BATCH`] connections in one message and keeps them
+    /// until the worker acknowledges them. On error (the worker is gone)
+    /// the connections are handed back, so they can be given to another
+    /// worker instead of being lost; the unacknowledged ones are in
+    /// [`into_unacknowledged`](Self::into_unacknowledged).
+    ///
+    /// While the worker's queue is full this keeps reading acknowledgements,
+    /// so a worker waiting to send one never deadlocks with it.
+    pub async fn send_batch(
+        &mut self,
+        connections: Vec<PassedConnection>,
+    ) -> Result<(), (io::Error, Vec<PassedConnection>)> {
+        debug_assert!(!connections.is_empty() && connections.len() <= MAX_BATCH);
+        if self.unacknowledged.len() >= READ_ACKS_AT {
+            // A failure to read shows again, as a failed send, below.
+            let _ = self.read_acknowledgements();
+        }
+        let mut message = Vec::with_capacity(connections.len() * 24);
+        for (offset, connection) in connections.iter().enumerate() {
+            match encode_frame(self.next_seq + offset as u64, &connection.header) {
+                Ok(frame) => message.extend_from_slice(&frame),
+                Err(err) => return Err((io::Error::other(err), connections)),
             }
         }
-        self.next_seq += 1;
-        self.unacknowledged.push_back((seq, connection));
+        let fds: Vec<RawFd> = connections.iter().map(|c| c.stream.as_raw_fd()).collect();
+        loop {
+            match sendmsg::<()>(
+                self.socket.as_raw_fd(),
+                &[IoSlice::new(&message)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
+                Ok(_) => break,
+                Err(nix::errno::Errno::EINTR) => continue,
+                // The pair's buffer is full: the worker is behind, perhaps
+                // waiting for room to acknowledge. Rare enough to poll for.
+                Err(nix::errno::Errno::EAGAIN) => {
+                    let _ = self.read_acknowledgements();
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                Err(err) => return Err((err.into(), connections)),
+            }
+        }
+        for connection in connections {
+            self.unacknowledged.push_back((self.next_seq, connection));
+            self.next_seq += 1;
+        }
         Ok(())
     }
 
-    /// Waits for the worker's next acknowledgement and releases the
-    /// connections it covers. `Ok(false)` once the worker's end is closed
-    /// (the worker is gone): nothing more will be acknowledged. Cancel-safe.
-    pub async fn acknowledged(&mut self) -> io::Result<bool> {
+    /// Reads every acknowledgement the worker has sent so far, without
+    /// waiting, and releases the connections they cover. `Ok(false)` once the
+    /// worker's end is closed (the worker is gone): nothing more will be
+    /// acknowledged.
+    pub fn read_acknowledgements(&mut self) -> io::Result<bool> {
+        Ok(self.read_acks()?.is_some())
+    }
+
+    /// How many acknowledgements were read, or `None` at the worker's end.
+    fn read_acks(&mut self) -> io::Result<Option<usize>> {
+        let mut read = 0;
         while !self.worker_closed {
-            let mut guard = self.socket.readable().await?;
-            match guard.try_io(|socket| receive_ack(socket.as_raw_fd())) {
-                Ok(Ok(Some(taken))) => {
+            match receive_ack(self.socket.as_raw_fd()) {
+                Ok(Some(taken)) => {
                     release(&mut self.unacknowledged, taken);
-                    return Ok(true);
+                    read += 1;
                 }
-                Ok(Ok(None)) => self.worker_closed = true,
-                Ok(Err(err)) if err.kind() == io::ErrorKind::BrokenPipe => {
-                    self.worker_closed = true
-                }
-                Ok(Err(err)) => return Err(err),
-                Err(_would_block) => continue,
+                Ok(None) => self.worker_closed = true,
+                Err(err) if err.kind() == io::ErrorKind::BrokenPipe => self.worker_closed = true,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(Some(read)),
+                Err(err) => return Err(err),
             }
         }
-        Ok(false)
+        Ok(None)
+    }
+
+    /// Waits for the worker's next acknowledgement (checking every
+    /// [`ACK_POLL`]) and releases the connections it covers. `Ok(false)`
+    /// once the worker's end is closed. Cancel-safe.
+    pub async fn acknowledged(&mut self) -> io::Result<bool> {
+        loop {
+            match self.read_acks()? {
+                None => return Ok(false),
+                Some(0) => tokio::time::sleep(ACK_POLL).await,
+                Some(_) => return Ok(true),
+            }
+        }
     }
 
     /// How many passed connections the worker has not acknowledged yet.
@@ -199,7 +251,7 @@ impl ConnectionSender {
     /// No more connections will follow: the worker sees the end once it has
     /// taken those queued, and can still acknowledge them.
     pub fn finish(&self) -> io::Result<()> {
-        match shutdown(self.socket.get_ref().as_raw_fd(), Shutdown::Write) {
+        match shutdown(self.socket.as_raw_fd(), Shutdown::Write) {
             Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
             Err(err) => Err(err.into()),
         }
@@ -272,13 +324,14 @@ impl ConnectionReceiver {
         Ok(self.recv_batch(1).await?.pop())
     }
 
-    /// Waits for at least one connection and takes up to `limit` of those
-    /// waiting, then acknowledges them all at once, before the caller reads
-    /// a byte of any. Empty once the primary closed its end.
+    /// Waits for at least one connection and takes those waiting, message
+    /// by message, until it has `limit` or more, then acknowledges them all
+    /// at once, before the caller reads a byte of any. Empty once the
+    /// primary closed its end.
     pub async fn recv_batch(&mut self, limit: usize) -> io::Result<Vec<PassedConnection>> {
         let mut batch = Vec::new();
+        let mut buffer = vec![0u8; MAX_BATCH * MAX_HEADER];
         while batch.len() < limit.max(1) && !self.ended {
-            let mut buffer = [0u8; MAX_HEADER];
             let received = if batch.is_empty() {
                 let mut guard = self.socket.readable().await?;
                 match guard.try_io(|socket| receive(socket.as_fd().as_raw_fd(), &mut buffer)) {
@@ -292,29 +345,36 @@ impl ConnectionReceiver {
                     Err(err) => return Err(err),
                 }
             };
-            let Some((length, fd)) = received else {
+            let Some((length, fds)) = received else {
                 self.ended = true;
                 break;
             };
-            let (seq, header) = match decode_frame(&buffer[..length]) {
-                Ok(frame) => frame,
+            let frames = match decode_frames(&buffer[..length]) {
+                Ok(frames) => frames,
                 Err(err) => {
-                    // Dropping `fd` closes the connection: better than serving
-                    // it under a wrong identity. A later acknowledgement
-                    // covers it, since they are cumulative.
-                    tracing::warn!("malformed connection header ({err}); connection closed");
+                    // Dropping the descriptors closes the connections: better
+                    // than serving them under a wrong identity. A later
+                    // acknowledgement covers them, since they are cumulative.
+                    tracing::warn!("malformed connection header ({err}); connections closed");
                     continue;
                 }
             };
-            if let Some(seq) = seq {
-                self.taken = self.taken.max(seq);
+            if frames.len() != fds.len() {
+                tracing::warn!(
+                    "a message named {} connections and carried {} descriptors; the unmatched are closed",
+                    frames.len(),
+                    fds.len()
+                );
             }
-            let Some(fd) = fd else {
-                tracing::warn!("a connection message arrived without its descriptor; skipped");
-                continue;
-            };
-            let stream = std::net::TcpStream::from(fd);
-            batch.push(PassedConnection { stream, header });
+            for (seq, _) in &frames {
+                if let Some(seq) = seq {
+                    self.taken = self.taken.max(*seq);
+                }
+            }
+            for ((_, header), fd) in frames.into_iter().zip(fds) {
+                let stream = std::net::TcpStream::from(fd);
+                batch.push(PassedConnection { stream, header });
+            }
         }
         self.acknowledge().await;
         Ok(batch)
@@ -352,9 +412,9 @@ impl ConnectionReceiver {
     }
 }
 
-/// One `recvmsg`: the header length and the descriptor, or `None` at EOF.
-fn receive(socket: RawFd, buffer: &mut [u8]) -> io::Result<Option<(usize, Option<OwnedFd>)>> {
-    let mut space = nix::cmsg_space!([RawFd; 4]);
+/// One `recvmsg`: the frames' length and the descriptors, or `None` at EOF.
+fn receive(socket: RawFd, buffer: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_BATCH]);
     let mut iov = [IoSliceMut::new(buffer)];
     let message = loop {
         match recvmsg::<()>(
@@ -368,23 +428,21 @@ fn receive(socket: RawFd, buffer: &mut [u8]) -> io::Result<Option<(usize, Option
             other => break other.map_err(io::Error::from)?,
         }
     };
-    let mut descriptor = None;
+    let mut descriptors = Vec::new();
     for control in message.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = control {
-            for fd in fds {
-                // SAFETY: the kernel just installed this descriptor for us and
-                // nothing else refers to it; extra ones are closed on drop.
-                let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                if descriptor.is_none() {
-                    descriptor = Some(owned);
-                }
-            }
+            // SAFETY: the kernel just installed these descriptors for us and
+            // nothing else refers to them.
+            descriptors.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
         }
     }
-    if message.bytes == 0 && descriptor.is_none() {
+    if message.bytes == 0 && descriptors.is_empty() {
         return Ok(None);
     }
-    Ok(Some((message.bytes, descriptor)))
+    Ok(Some((message.bytes, descriptors)))
 }
 
 fn register(socket: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>> {
@@ -437,9 +495,10 @@ mod tests {
     /// Takes one message off the worker's end without acknowledging it, as
     /// a worker killed at the wrong moment would.
     fn take_without_ack(worker: &OwnedFd) -> OwnedFd {
-        let mut buffer = [0u8; MAX_HEADER];
-        let (_, fd) = receive(worker.as_raw_fd(), &mut buffer).unwrap().unwrap();
-        fd.unwrap()
+        let mut buffer = [0u8; MAX_BATCH * MAX_HEADER];
+        let (_, mut fds) = receive(worker.as_raw_fd(), &mut buffer).unwrap().unwrap();
+        assert_eq!(fds.len(), 1);
+        fds.remove(0)
     }
 
     #[tokio::test]
@@ -484,6 +543,30 @@ mod tests {
         assert_eq!(batch.len(), 10);
         assert!(sender.acknowledged().await.unwrap());
         assert_eq!(sender.unacknowledged(), 0);
+    }
+
+    #[tokio::test]
+    async fn several_connections_cross_in_one_message_in_order() {
+        let (primary, worker) = pair().unwrap();
+        let mut sender = ConnectionSender::new(primary).unwrap();
+        let mut receiver = ConnectionReceiver::new(worker).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (clients, connections): (Vec<_>, Vec<_>) =
+            (0..MAX_BATCH).map(|_| connection(&listener)).unzip();
+        let headers: Vec<PassedHeader> = connections.iter().map(|c| c.header).collect();
+        sender
+            .send_batch(connections)
+            .await
+            .map_err(|(err, _)| err)
+            .unwrap();
+        // One message: a receiver asking for one gets the whole batch.
+        let mut batch = receiver.recv_batch(1).await.unwrap();
+        assert_eq!(batch.iter().map(|c| c.header).collect::<Vec<_>>(), headers);
+        assert!(sender.acknowledged().await.unwrap());
+        assert_eq!(sender.unacknowledged(), 0);
+        for (mut client, passed) in clients.into_iter().zip(&mut batch) {
+            ping(&mut client, &mut passed.stream);
+        }
     }
 
     #[tokio::test]
@@ -586,18 +669,31 @@ mod tests {
 
     #[test]
     fn garbage_frames_are_refused() {
-        assert!(decode_frame(&[]).is_err());
-        assert!(decode_frame(&[0xff; 40]).is_err());
+        assert!(decode_frames(&[]).is_err());
+        assert!(decode_frames(&[0xff; 40]).is_err());
         let header = PassedHeader {
             listener: 2,
             client: "[::1]:9".parse().unwrap(),
         };
         let frame = encode_frame(u64::MAX, &header).unwrap();
         assert!(frame.len() <= MAX_HEADER);
-        assert_eq!(decode_frame(&frame).unwrap(), (Some(u64::MAX), header));
+        assert_eq!(
+            decode_frames(&frame).unwrap(),
+            vec![(Some(u64::MAX), header)]
+        );
         let mut longer = frame.clone();
         longer.push(0);
-        assert!(decode_frame(&longer).is_err());
+        assert!(decode_frames(&longer).is_err());
+        let mut two = frame.clone();
+        two.extend_from_slice(&encode_frame(7, &header).unwrap());
+        assert_eq!(
+            decode_frames(&two).unwrap(),
+            vec![(Some(u64::MAX), header), (Some(7), header)]
+        );
+        // A header without its number is only valid alone.
+        let mut unnumbered = frame.clone();
+        unnumbered.extend_from_slice(&postcard::to_allocvec(&header).unwrap());
+        assert!(decode_frames(&unnumbered).is_err());
     }
 
     #[test]
@@ -609,7 +705,7 @@ mod tests {
             client: "192.0.2.1:4000".parse().unwrap(),
         };
         let old = postcard::to_allocvec(&header).unwrap();
-        assert_eq!(decode_frame(&old).unwrap(), (None, header));
+        assert_eq!(decode_frames(&old).unwrap(), vec![(None, header)]);
         let new = encode_frame(9, &header).unwrap();
         assert_eq!(postcard::from_bytes::<PassedHeader>(&new).unwrap(), header);
     }
