@@ -13,24 +13,6 @@ use cluster_support::*;
 use corral_testkit::openmetrics;
 use serde_json::Value;
 
-fn admin_addr(cluster: &Cluster) -> SocketAddr {
-    let mut addr = None;
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            addr = cluster
-                .stderr()
-                .split("admin: http://")
-                .nth(1)
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|a| a.parse().ok());
-            addr.is_some()
-        }),
-        "no admin address logged:\n{}",
-        cluster.stderr()
-    );
-    addr.unwrap()
-}
-
 /// Each `payments_*` sample summed over slots, keyed by sample name and
 /// its labels other than `slot` (which every sample must carry).
 fn payments_samples(admin: SocketAddr) -> BTreeMap<String, f64> {
@@ -70,7 +52,7 @@ fn payments_metrics_are_served_merged_by_the_primary() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cluster = start(dir.path(), &["--admin", "127.0.0.1:0"]);
-    let admin = admin_addr(&cluster);
+    let admin = cluster.admin_addr();
 
     // Five payments, each on its own connection (so both workers take
     // some), and one replay, which creates nothing.

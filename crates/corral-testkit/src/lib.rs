@@ -62,6 +62,24 @@ impl Cluster {
         cluster
     }
 
+    /// The admin address the primary logged when started with
+    /// `--admin HOST:0` (waits up to 30 s for the line).
+    pub fn admin_addr(&self) -> SocketAddr {
+        let mut found = None;
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                found = self.stderr().lines().find_map(|line| {
+                    let rest = line.split("admin: http://").nth(1)?;
+                    rest.split('/').next()?.parse().ok()
+                });
+                found.is_some()
+            }),
+            "no admin address logged:\n{}",
+            self.stderr()
+        );
+        found.expect("found above")
+    }
+
     /// The primary's pid, which is also the process group id.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32

@@ -20,7 +20,7 @@ fn admin_status_and_metrics_show_every_worker() {
         "--heartbeat-timeout",
         "1s",
     ]);
-    let admin = support::admin_addr(&cluster);
+    let admin = cluster.admin_addr();
     for _ in 0..50 {
         cluster.hello().unwrap();
     }

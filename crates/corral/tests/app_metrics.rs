@@ -103,7 +103,7 @@ fn app_metrics_are_merged_per_slot_through_a_crash_a_reload_and_a_scale_down() {
         "--admin",
         "127.0.0.1:0",
     ]);
-    let admin = support::admin_addr(&cluster);
+    let admin = cluster.admin_addr();
 
     // Each answer names the slot that counted it.
     let mut answered = BTreeMap::from([(0, 0), (1, 0)]);

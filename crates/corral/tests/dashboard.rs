@@ -185,7 +185,7 @@ fn dashboard_shows_a_row_per_worker_and_figures_that_move_under_load() {
         "--admin",
         "127.0.0.1:0",
     ]);
-    let admin = support::admin_addr(&cluster);
+    let admin = cluster.admin_addr();
     let pids: BTreeSet<String> = cluster
         .worker_pids()
         .iter()

@@ -55,19 +55,6 @@ impl Drop for Deployment {
     }
 }
 
-/// The admin address the primary logged.
-fn admin_addr(cluster: &Cluster) -> SocketAddr {
-    let mut found = None;
-    assert!(support::wait_until(Duration::from_secs(10), || {
-        found = cluster.stderr().lines().find_map(|line| {
-            let rest = line.split("admin: http://").nth(1)?;
-            rest.split('/').next()?.parse().ok()
-        });
-        found.is_some()
-    }));
-    found.unwrap()
-}
-
 fn status(admin: SocketAddr) -> Value {
     let (code, body) = support::get_once(admin, "/status").expect("GET /status");
     assert_eq!(code, 200);
@@ -149,7 +136,7 @@ fn start_deployed(deployment: &Deployment, extra: &[&str]) -> Cluster {
 fn fault_a_bad_deploy_fails_the_reload_and_the_pinned_build_keeps_serving() {
     let deployment = Deployment::new("bad-deploy");
     let cluster = start_deployed(&deployment, &[]);
-    let admin = admin_addr(&cluster);
+    let admin = cluster.admin_addr();
     let prober = Prober::start(cluster.addr);
     deployment.deploy_bad_build(1500);
     cluster.signal(Signal::SIGHUP);
@@ -210,7 +197,7 @@ fn fault_a_bad_deploy_fails_the_reload_and_the_pinned_build_keeps_serving() {
 fn fault_a_build_that_dies_after_the_gate_is_rolled_back_slot_by_slot() {
     let deployment = Deployment::new("rollback");
     let cluster = start_deployed(&deployment, &["--reload-gate", "200ms"]);
-    let admin = admin_addr(&cluster);
+    let admin = cluster.admin_addr();
     let first_pids: BTreeSet<i32> = cluster.worker_pids().into_iter().collect();
     let prober = Prober::start(cluster.addr);
     deployment.deploy_bad_build(1500);
@@ -265,7 +252,7 @@ fn fault_a_crash_storm_after_serving_never_ends_the_primary_and_the_slot_comes_b
         "--admin",
         "127.0.0.1:0",
     ]);
-    let admin = admin_addr(&cluster);
+    let admin = cluster.admin_addr();
     // Five quick kill -9s of slot 1's worker, as a chaos run does.
     let mut killed = 0;
     for _ in 0..8 {
@@ -326,7 +313,7 @@ fn fault_spawn_errors_under_fd_pressure_back_off_and_are_not_a_crash_loop() {
             "127.0.0.1:0",
         ],
     );
-    let admin = admin_addr(&cluster);
+    let admin = cluster.admin_addr();
     // Idle connections to the admin page, which the primary itself holds,
     // until it has no descriptor left.
     let mut idle = Vec::new();
@@ -535,7 +522,7 @@ fn fault_sigttin_and_sigttou_scale_under_load_without_failures() {
             "--admin",
             "127.0.0.1:0",
         ]);
-        let admin = admin_addr(&cluster);
+        let admin = cluster.admin_addr();
         let load = Load::start(cluster.addr);
         cluster.signal(Signal::SIGTTIN);
         assert!(support::wait_until(

@@ -98,25 +98,6 @@ impl Cluster {
     }
 }
 
-/// The admin address a cluster started with `--admin HOST:0` logged.
-pub fn admin_addr(cluster: &Cluster) -> SocketAddr {
-    let mut addr = None;
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            addr = cluster
-                .stderr()
-                .split("admin: http://")
-                .nth(1)
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|a| a.parse().ok());
-            addr.is_some()
-        }),
-        "no admin address logged:\n{}",
-        cluster.stderr()
-    );
-    addr.unwrap()
-}
-
 pub fn command(program: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(program);
     command.args(args).env(
