@@ -178,6 +178,7 @@ impl ConnectionSender {
             }
         }
         let fds: Vec<RawFd> = connections.iter().map(|c| c.stream.as_raw_fd()).collect();
+        let mut pause = std::time::Duration::from_millis(1);
         loop {
             match sendmsg::<()>(
                 self.socket.as_raw_fd(),
@@ -189,10 +190,13 @@ impl ConnectionSender {
                 Ok(_) => break,
                 Err(nix::errno::Errno::EINTR) => continue,
                 // The pair's buffer is full: the worker is behind, perhaps
-                // waiting for room to acknowledge. Rare enough to poll for.
+                // waiting for room to acknowledge. Rare enough to poll for;
+                // backing off to 50 ms keeps a stopped worker (SIGSTOP) from
+                // waking the primary a thousand times a second.
                 Err(nix::errno::Errno::EAGAIN) => {
                     let _ = self.read_acknowledgements();
-                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_millis(50));
                 }
                 Err(err) => return Err((err.into(), connections)),
             }
