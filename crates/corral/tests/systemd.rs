@@ -75,6 +75,14 @@ fn systemd_socket_activation_serves_the_passed_socket() {
         }),
         "both workers serve the activated port"
     );
+    // A stop leaves systemd's socket listening: systemd keeps it, and
+    // queues on it, until the service starts again.
+    let mut cluster = cluster;
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(cluster.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    let _client = std::net::TcpStream::connect(("127.0.0.1", port))
+        .expect("the activated socket still listens after the stop");
+    let (_queued, _) = listener.accept().expect("the connection queued on it");
 }
 
 #[test]

@@ -604,7 +604,19 @@ impl Executor {
         let spawned = if self.config.external.is_some() {
             spawn_program(program.path(), &self.args, slot, &listeners, identity)
         } else {
-            spawn_worker(program, &self.args, slot, id.serial, &listeners, identity)
+            let keep_listening = self
+                .bound
+                .iter()
+                .any(|address| address.slot_socket_is_systemds(slot));
+            spawn_worker(
+                program,
+                &self.args,
+                slot,
+                id.serial,
+                &listeners,
+                keep_listening,
+                identity,
+            )
         }?;
         let pid = spawned.pid;
         let inputs = self.inputs_tx.clone();

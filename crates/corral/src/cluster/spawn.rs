@@ -17,7 +17,8 @@ use tokio::process::{Child, Command};
 
 use super::identity::Identity;
 use super::worker::{
-    CONNECTIONS_FD, ENV_GENERATION, ENV_LISTENERS, ENV_SLOT, FIRST_LISTENER_FD, IPC_FD,
+    CONNECTIONS_FD, ENV_GENERATION, ENV_KEEP_LISTENING, ENV_LISTENERS, ENV_SLOT, FIRST_LISTENER_FD,
+    IPC_FD,
 };
 use crate::net::fd_passing;
 
@@ -108,6 +109,8 @@ pub(crate) fn spawn_worker(
     slot: usize,
     generation: u64,
     listeners: &[RawFd],
+    // One of `listeners` came from systemd: it must outlive this node.
+    keep_listening: bool,
     identity: Option<&Identity>,
 ) -> io::Result<Spawned> {
     let (primary_end, worker_end) = std::os::unix::net::UnixStream::pair()?;
@@ -130,6 +133,9 @@ pub(crate) fn spawn_worker(
         .env(ENV_SLOT, slot.to_string())
         .env(ENV_GENERATION, generation.to_string())
         .env(ENV_LISTENERS, listeners.len().to_string());
+    if keep_listening {
+        command.env(ENV_KEEP_LISTENING, "1");
+    }
     let child = start(command, sources, pinned, identity)?;
     drop(worker_end);
     drop(connections_worker_end);

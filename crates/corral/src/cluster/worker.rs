@@ -27,6 +27,9 @@ use crate::pool::Pool;
 pub(crate) const ENV_SLOT: &str = "CORRAL_WORKER_SLOT";
 pub(crate) const ENV_GENERATION: &str = "CORRAL_WORKER_GENERATION";
 pub(crate) const ENV_LISTENERS: &str = "CORRAL_WORKER_LISTENERS";
+/// Set when a listening socket came from systemd, which keeps it for the
+/// next start: the worker must not stop it listening.
+pub(crate) const ENV_KEEP_LISTENING: &str = "CORRAL_WORKER_KEEP_LISTENING";
 /// The worker's end of its IPC socket.
 pub(crate) const IPC_FD: RawFd = 3;
 /// The worker's end of the socket connections are passed on (accept-and-pass modes).
@@ -41,6 +44,7 @@ pub(crate) struct WorkerEnv {
     ipc: OwnedFd,
     connections: OwnedFd,
     listeners: Vec<OwnedFd>,
+    keep_listening: bool,
 }
 
 impl WorkerEnv {
@@ -61,8 +65,9 @@ impl WorkerEnv {
         let listeners = (0..count)
             .map(|index| take_fd(FIRST_LISTENER_FD + index))
             .collect::<Result<Vec<_>>>()?;
+        let keep_listening = std::env::var_os(ENV_KEEP_LISTENING).is_some();
         // Remove the markers so a program this worker starts is not mistaken for one.
-        for name in [ENV_SLOT, ENV_GENERATION, ENV_LISTENERS] {
+        for name in [ENV_SLOT, ENV_GENERATION, ENV_LISTENERS, ENV_KEEP_LISTENING] {
             // SAFETY: called before the worker starts any thread.
             unsafe { std::env::remove_var(name) };
         }
@@ -72,6 +77,7 @@ impl WorkerEnv {
             ipc,
             connections,
             listeners,
+            keep_listening,
         }))
     }
 }
@@ -539,7 +545,10 @@ where
             primary_lost: Arc::default(),
             intake_blocked_at_ms: AtomicU64::new(0),
             born: Instant::now(),
-            drain: Arc::default(),
+            drain: Arc::new(Drain {
+                keep_listening: env.keep_listening,
+                ..Drain::default()
+            }),
             shutdown: CancellationToken::new(),
             serve_options: serve_options(&config),
             app_metrics: Default::default(),

@@ -93,6 +93,11 @@ impl BoundAddress {
         }
     }
 
+    /// Whether the socket the worker in `slot` inherits came from systemd.
+    pub fn slot_socket_is_systemds(&self, slot: usize) -> bool {
+        self.activated && slot % self.sockets.len() == 0
+    }
+
     /// The socket the worker in `slot` inherits.
     pub fn socket_for_slot(&self, slot: usize) -> Option<&Socket> {
         self.sockets[slot % self.sockets.len()].as_ref()

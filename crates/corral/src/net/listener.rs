@@ -66,6 +66,9 @@ pub(crate) struct Drain {
     pub node: AtomicBool,
     /// The listener found its queue empty after the drain began.
     pub backlog_taken: AtomicBool,
+    /// A socket came from systemd socket activation: systemd keeps it, and
+    /// queues on it, for the next start, so it must go on listening.
+    pub keep_listening: bool,
 }
 
 /// Connections the primary passed to this worker (accept-and-pass modes).
@@ -173,7 +176,7 @@ impl Listener {
                                     // clients are refused (and retry
                                     // elsewhere) instead of queueing where
                                     // no one accepts.
-                                    if drain.node.load(Ordering::SeqCst) {
+                                    if drain.node.load(Ordering::SeqCst) && !drain.keep_listening {
                                         self.stop_listening();
                                     }
                                     drain.backlog_taken.store(true, Ordering::SeqCst);
