@@ -37,7 +37,11 @@ fn health(conn: &mut Conn) -> Answer {
 #[test]
 fn sigterm_with_a_drain_delay_fails_readiness_at_once_and_keeps_serving() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut cluster = start(dir.path(), &["--drain-delay", "2s"]);
+    let mut cluster = start(
+        dir.path(),
+        &["--drain-delay", "2s", "--admin", "127.0.0.1:0"],
+    );
+    let admin = cluster.admin_addr();
     let mut conns = one_connection_per_slot(&cluster);
     for conn in conns.values_mut() {
         assert_eq!(health(conn).status, 200);
@@ -70,6 +74,19 @@ fn sigterm_with_a_drain_delay_fails_readiness_at_once_and_keeps_serving() {
         turned < Duration::from_millis(500),
         "readiness took {turned:?} to fail"
     );
+
+    // The primary's status says the node is stopping, and for how long yet
+    // the workers serve.
+    let status = Conn::open(admin)
+        .expect("connect to the admin address")
+        .request("GET", "/status", &[], b"")
+        .expect("GET /status")
+        .json();
+    assert_eq!(status["stopping"], true, "{status}");
+    let left = status["drain_delay_left_s"]
+        .as_f64()
+        .expect("drain delay left");
+    assert!(left > 0.0 && left <= 2.0, "{status}");
 
     // During the delay new connections are still accepted and served.
     let mut served = 0;

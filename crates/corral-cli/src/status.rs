@@ -99,7 +99,24 @@ pub(crate) fn render(status: &Value) -> String {
         "last reload: {}\n",
         last_reload(&status["last_reload"])
     ));
+    if let Some(line) = stopping(status) {
+        out.push_str(&line);
+        out.push('\n');
+    }
     out
+}
+
+/// Says so while the cluster is stopping (older primaries send no field).
+fn stopping(status: &Value) -> Option<String> {
+    if status["stopping"] != Value::Bool(true) {
+        return None;
+    }
+    Some(match status["drain_delay_left_s"].as_f64() {
+        Some(left) => format!(
+            "stopping: the node is draining; workers still serve for {left:.1} s (--drain-delay)"
+        ),
+        None => "stopping: workers are draining".to_owned(),
+    })
 }
 
 pub(crate) fn workers(status: &Value) -> Vec<Value> {
@@ -124,6 +141,27 @@ fn last_reload(reload: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_stopping_cluster_says_so_with_its_drain_delay() {
+        let table = [
+            (json!({"stopping": false}), None),
+            (json!({}), None),
+            (
+                json!({"stopping": true, "drain_delay_left_s": 4.5}),
+                Some(
+                    "stopping: the node is draining; workers still serve for 4.5 s (--drain-delay)",
+                ),
+            ),
+            (
+                json!({"stopping": true, "drain_delay_left_s": null}),
+                Some("stopping: workers are draining"),
+            ),
+        ];
+        for (status, expected) in table {
+            assert_eq!(stopping(&status).as_deref(), expected, "{status}");
+        }
+    }
 
     #[test]
     fn the_table_shows_every_field_of_a_worker() {

@@ -1083,7 +1083,13 @@ impl Executor {
             generation: self.state.good,
             reloading: self.state.reload.is_some() || self.state.pinning.is_some(),
             broadcast: self.publisher.as_ref().map(|publisher| publisher.stats()),
-            stopping: self.state.stopping,
+            // From the stop request on, drain delay included.
+            stopping: self.state.leaving(),
+            drain_delay_left_s: self
+                .state
+                .drain_notice
+                .as_ref()
+                .map(|notice| round1(notice.stop_at.saturating_duration_since(now).as_secs_f64())),
             slots,
         }
     }

@@ -21,7 +21,10 @@ pub(crate) struct ClusterStatus {
     /// The generation that passed its last reload (1: the first program).
     pub generation: u64,
     pub reloading: bool,
+    /// A stop was asked for (the drain delay included).
     pub stopping: bool,
+    /// During `--drain-delay`: seconds until the workers drain.
+    pub drain_delay_left_s: Option<f64>,
     /// Cross-node broadcast figures (published, received, gaps, reconnects...).
     pub broadcast: Option<crate::broadcast::BroadcastStats>,
     /// Every slot, with or without a worker.
