@@ -293,9 +293,8 @@ fn worker_gone(err: &std::io::Error) -> bool {
 mod tests {
     use super::*;
     use crate::cluster::Balance;
-    use crate::net::fd_passing::{pair, ConnectionReceiver};
-    use std::io::{Read, Write};
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use crate::net::fd_passing::{pair, testing, ConnectionReceiver};
+    use std::os::fd::OwnedFd;
 
     struct Client {
         stream: std::net::TcpStream,
@@ -303,46 +302,16 @@ mod tests {
     }
 
     fn connect(listener: &std::net::TcpListener) -> (Client, PassedConnection) {
-        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, peer) = listener.accept().unwrap();
-        let header = PassedHeader {
-            listener: 0,
-            client: peer,
-        };
-        (
-            Client { stream, header },
-            PassedConnection {
-                stream: accepted,
-                header,
-            },
-        )
+        let (stream, connection) = testing::connection(listener, 0);
+        let header = connection.header;
+        (Client { stream, header }, connection)
     }
 
     /// What a worker killed with connections queued leaves: the descriptors
     /// of one message (a batch) taken off its end without acknowledging,
     /// then its end closed. How many descriptors it held.
     fn die_holding_a_message(worker: OwnedFd) -> usize {
-        let mut buffer = [0u8; 4096];
-        let mut iov = [std::io::IoSliceMut::new(&mut buffer)];
-        let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_BATCH]);
-        let message = nix::sys::socket::recvmsg::<()>(
-            worker.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            nix::sys::socket::MsgFlags::empty(),
-        )
-        .unwrap();
-        assert!(message.bytes > 0);
-        let mut taken = Vec::new();
-        for control in message.cmsgs().unwrap() {
-            if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = control {
-                // SAFETY: just received; nothing else owns them.
-                taken.extend(
-                    fds.into_iter()
-                        .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }),
-                );
-            }
-        }
+        let taken = testing::take_without_ack(&worker);
         assert!(!taken.is_empty());
         drop(worker);
         taken.len()
@@ -359,11 +328,7 @@ mod tests {
 
     fn still_open(client: &mut Client, connection: &mut PassedConnection) {
         assert_eq!(connection.header, client.header);
-        connection.stream.set_nonblocking(false).unwrap();
-        client.stream.write_all(b"ping").unwrap();
-        let mut buf = [0u8; 4];
-        connection.stream.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
+        testing::ping(&mut client.stream, &mut connection.stream);
     }
 
     /// Slot 0's worker takes two connections properly, then dies with three

@@ -465,17 +465,23 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Test scaffolding shared by the tests of the hand-off's two sides (this
+/// module and the primary's acceptor).
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use std::io::{Read, Write};
 
-    /// A connected client and the accepted end, ready to pass.
-    fn connection(listener: &std::net::TcpListener) -> (std::net::TcpStream, PassedConnection) {
+    /// A connected client and the accepted end, ready to pass as a
+    /// connection of listen address `index`.
+    pub fn connection(
+        listener: &std::net::TcpListener,
+        index: u16,
+    ) -> (std::net::TcpStream, PassedConnection) {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, peer) = listener.accept().unwrap();
         let header = PassedHeader {
-            listener: 1,
+            listener: index,
             client: peer,
         };
         (
@@ -488,7 +494,7 @@ mod tests {
     }
 
     /// Proves a connection is still open end to end.
-    fn ping(client: &mut std::net::TcpStream, passed: &mut std::net::TcpStream) {
+    pub fn ping(client: &mut std::net::TcpStream, passed: &mut std::net::TcpStream) {
         passed.set_nonblocking(false).unwrap();
         client.write_all(b"ping").unwrap();
         let mut buf = [0u8; 4];
@@ -496,11 +502,24 @@ mod tests {
         assert_eq!(&buf, b"ping");
     }
 
-    /// Takes one message off the worker's end without acknowledging it, as
-    /// a worker killed at the wrong moment would.
-    fn take_without_ack(worker: &OwnedFd) -> OwnedFd {
+    /// Takes one message (a batch) off the worker's end without
+    /// acknowledging it, as a worker killed at the wrong moment would: its
+    /// descriptors.
+    pub fn take_without_ack(worker: &OwnedFd) -> Vec<OwnedFd> {
         let mut buffer = [0u8; MAX_BATCH * MAX_HEADER];
-        let (_, mut fds) = receive(worker.as_raw_fd(), &mut buffer).unwrap().unwrap();
+        let (_, fds) = receive(worker.as_raw_fd(), &mut buffer).unwrap().unwrap();
+        fds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{connection, ping, take_without_ack};
+    use super::*;
+
+    /// One descriptor taken off the worker's end, never acknowledged.
+    fn take_one_without_ack(worker: &OwnedFd) -> OwnedFd {
+        let mut fds = take_without_ack(worker);
         assert_eq!(fds.len(), 1);
         fds.remove(0)
     }
@@ -512,7 +531,7 @@ mod tests {
         let mut receiver = ConnectionReceiver::new(worker).unwrap();
 
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (mut client, connection) = connection(&listener);
+        let (mut client, connection) = connection(&listener, 1);
         let header = connection.header;
         sender
             .send(connection)
@@ -535,7 +554,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut clients = Vec::new();
         for _ in 0..10 {
-            let (client, connection) = connection(&listener);
+            let (client, connection) = connection(&listener, 1);
             clients.push(client);
             sender
                 .send(connection)
@@ -556,7 +575,7 @@ mod tests {
         let mut receiver = ConnectionReceiver::new(worker).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (clients, connections): (Vec<_>, Vec<_>) =
-            (0..MAX_BATCH).map(|_| connection(&listener)).unzip();
+            (0..MAX_BATCH).map(|_| connection(&listener, 1)).unzip();
         let headers: Vec<PassedHeader> = connections.iter().map(|c| c.header).collect();
         sender
             .send_batch(connections)
@@ -580,7 +599,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut clients = Vec::new();
         for _ in 0..5 {
-            let (client, connection) = connection(&listener);
+            let (client, connection) = connection(&listener, 1);
             clients.push((client, connection.header));
             sender
                 .send(connection)
@@ -589,7 +608,7 @@ mod tests {
                 .unwrap();
         }
         // The worker takes two descriptors and dies with three still queued.
-        let taken = [take_without_ack(&worker), take_without_ack(&worker)];
+        let taken = [take_one_without_ack(&worker), take_one_without_ack(&worker)];
         drop(worker);
         drop(taken);
         assert!(!sender.acknowledged().await.unwrap());
@@ -610,7 +629,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut clients = Vec::new();
         for _ in 0..2 {
-            let (client, connection) = connection(&listener);
+            let (client, connection) = connection(&listener, 1);
             clients.push(client);
             sender
                 .send(connection)
@@ -620,7 +639,7 @@ mod tests {
         }
         let kept = receiver.recv_batch(64).await.unwrap();
         assert_eq!(kept.len(), 2);
-        let (late_client, late) = connection(&listener);
+        let (late_client, late) = connection(&listener, 1);
         let late_header = late.header;
         sender.send(late).await.map_err(|(err, _)| err).unwrap();
         drop(receiver);
@@ -638,7 +657,7 @@ mod tests {
         let mut sender = ConnectionSender::new(primary).unwrap();
         let mut receiver = ConnectionReceiver::new(worker).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (_client, connection) = connection(&listener);
+        let (_client, connection) = connection(&listener, 1);
         sender
             .send(connection)
             .await
@@ -665,7 +684,7 @@ mod tests {
         drop(worker);
         let mut sender = ConnectionSender::new(primary).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (_client, connection) = connection(&listener);
+        let (_client, connection) = connection(&listener, 1);
         let header = connection.header;
         let (_, back) = sender.send(connection).await.unwrap_err();
         assert_eq!(back.header, header);
@@ -719,7 +738,7 @@ mod tests {
         let (primary, worker) = pair().unwrap();
         let mut receiver = ConnectionReceiver::new(worker).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (_client, passed) = connection(&listener);
+        let (_client, passed) = connection(&listener, 1);
         let old = postcard::to_allocvec(&passed.header).unwrap();
         let fds = [passed.stream.as_raw_fd()];
         sendmsg::<()>(
