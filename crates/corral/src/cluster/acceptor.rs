@@ -10,6 +10,7 @@ use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use super::balancer::Balancer;
+use crate::net::bind::no_longer_listening;
 use crate::net::fd_passing::{
     ConnectionSender, PassedConnection, PassedHeader, ACK_POLL, MAX_BATCH,
 };
@@ -99,7 +100,7 @@ pub(crate) async fn accept_and_pass(
             }
             if let Some(err) = failed {
                 // The socket was shut: the node is stopping.
-                if err.raw_os_error() == Some(libc::EINVAL) {
+                if no_longer_listening(&err) {
                     return;
                 }
                 tracing::error!("accept failed: {err}; retrying in 100 ms");

@@ -82,14 +82,7 @@ impl BoundAddress {
     pub fn stop_listening(&self) {
         let ours = self.sockets.iter().skip(usize::from(self.activated));
         for socket in ours.flatten() {
-            // On Linux, shutting a listening socket's read side unhashes it:
-            // no new handshakes complete and `accept` fails with EINVAL.
-            #[cfg(target_os = "linux")]
-            if let Err(err) = socket.shutdown(std::net::Shutdown::Read) {
-                tracing::debug!("{}: could not stop listening: {err}", self.local);
-            }
-            #[cfg(not(target_os = "linux"))]
-            let _ = socket;
+            stop_listening_on(socket);
         }
     }
 
@@ -336,6 +329,24 @@ pub(crate) fn adopt(socket: Socket, slots: usize, layout: Layout) -> Result<Boun
     let mut address = BoundAddress::unsteered(local, layout, sockets);
     address.activated = true;
     Ok(address)
+}
+
+/// Makes a listening socket stop listening in every process that holds it.
+/// On Linux, shutting its read side unhashes it: no new handshake completes
+/// (clients are refused) and `accept` fails as [`no_longer_listening`] says.
+/// Elsewhere it does nothing; the socket listens until it is closed.
+pub(crate) fn stop_listening_on(socket: &impl std::os::fd::AsFd) {
+    #[cfg(target_os = "linux")]
+    if let Err(err) = socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Read) {
+        tracing::debug!("could not stop listening: {err}");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
+}
+
+/// `accept` on a socket that [`stop_listening_on`] shut (EINVAL on Linux).
+pub(crate) fn no_longer_listening(err: &io::Error) -> bool {
+    err.raw_os_error() == Some(libc::EINVAL)
 }
 
 fn listening_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::WorkerCounters;
+use crate::net::bind::{no_longer_listening, stop_listening_on};
 use crate::net::fd_passing::PassedConnection;
 
 /// Accepted connections from every socket this worker serves, or passed to it
@@ -126,18 +127,12 @@ impl Listener {
         Poll::Pending
     }
 
-    /// Shuts every socket's read side: on Linux the socket stops
-    /// listening in every process that holds it, and new connections are
-    /// refused. Only when the node stops: in the shared layout the other
-    /// workers accept from the same socket.
+    /// Stops every socket listening, in every process that holds it. Only
+    /// when the node stops: in the shared layout the other workers accept
+    /// from the same socket.
     fn stop_listening(&mut self) {
         for socket in self.sockets.drain(..) {
-            #[cfg(target_os = "linux")]
-            if let Err(err) = socket2::SockRef::from(&socket).shutdown(std::net::Shutdown::Read) {
-                tracing::debug!("could not stop listening: {err}");
-            }
-            #[cfg(not(target_os = "linux"))]
-            drop(socket);
+            stop_listening_on(&socket);
         }
     }
 
@@ -243,11 +238,6 @@ fn into_tokio(connection: PassedConnection) -> io::Result<(TcpStream, SocketAddr
 }
 
 /// Errors that concern one connection that died in the queue, not the socket.
-/// `accept` on a socket that was shut down (EINVAL on Linux).
-fn no_longer_listening(err: &io::Error) -> bool {
-    err.raw_os_error() == Some(libc::EINVAL)
-}
-
 fn is_per_connection_error(err: &io::Error) -> bool {
     matches!(
         err.kind(),
