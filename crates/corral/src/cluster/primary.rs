@@ -449,10 +449,10 @@ impl Executor {
                     let event = self.control_event(command);
                     self.apply(event)
                 }
-                None => {
-                    self.expire_waiting_connections();
-                    self.apply(Event::Timer);
-                }
+                // At the refresh, the periodic work above brings the timer too.
+                None if Instant::now() >= next_refresh => {}
+                // A supervisor deadline.
+                None => self.apply(Event::Timer),
             }
         }
     }
