@@ -225,6 +225,13 @@ mod pool {
         drop(pool);
         assert_eq!(threads_named("pdrop-"), 3, "a clone keeps the threads");
         drop(clone);
+        // The drop joined every thread; a joined thread's /proc entry can
+        // outlive the join by a moment (the kernel wakes the joiner before
+        // it reaps the thread), so give it that moment, no more.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while threads_named("pdrop-") > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(threads_named("pdrop-"), 0);
     }
 
